@@ -1,0 +1,86 @@
+"""Command line: ``kp-gateway serve [--config config.toml] [--data-dir DIR] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kp_gateway import __version__
+from kp_gateway.config import load
+from kp_gateway.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kp-gateway", description="DICOM ingestion gateway for small imaging labs."
+    )
+    parser.add_argument("--version", action="version", version=f"kp-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the DICOM listener and the HTTP server")
+    serve.add_argument("-c", "--config", help="a config.toml (every key is optional)")
+    serve.add_argument("--data-dir", help="shortcut for storage.path")
+    serve.add_argument("--dicom-port", type=int, help="shortcut for dicom.port")
+    serve.add_argument("--http-port", type=int, help="shortcut for http.port")
+    serve.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
+    serve.add_argument("--log-level", help="shortcut for logging.level")
+    sub.add_parser("check-config", help="validate the configuration and print it").add_argument(
+        "-c", "--config"
+    )
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in getattr(args, "set", []):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    for flag, key in (
+        ("data_dir", "storage.path"),
+        ("dicom_port", "dicom.port"),
+        ("http_port", "http.port"),
+        ("log_level", "logging.level"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = str(value).upper() if flag == "log_level" else str(value)
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kp-gateway`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"kp-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.logging.level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO; its warnings are what an operator needs.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.command == "check-config":
+        from kp_gateway.config import masked
+
+        print(masked(cfg))
+        return 0
+    from kp_gateway.app import serve
+
+    return asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The storage and index backend contracts (Protocols); implementations live beside this file.
+
+Every backend translates its library's exceptions at its edge into
+:class:`~kp_gateway.errors.BackendUnavailableError` (transient: retry) or
+:class:`~kp_gateway.errors.BackendRejectedError` (permanent), always ``from`` the original.
+All methods are coroutines called on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kp_gateway.model import InstanceRecord, Routing
+
+
+class StorageBackend(Protocol):
+    """Object storage with the keys of CONTRACT section 7."""
+
+    async def open(self) -> None:
+        """Create what is missing (directories, bucket)."""
+
+    async def aclose(self) -> None:
+        """Release clients and threads."""
+
+    async def put_file(self, key: str, src: Path) -> int:
+        """Store the durable file `src` under `key`, atomically; `src` stays in place.
+
+        Returns the size in bytes. The object is durable when this returns.
+        """
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        """Store `data` under `key`, atomically and durably."""
+
+    async def size(self, key: str) -> int | None:
+        """Return the object's size, or None when it does not exist."""
+
+    def read_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+        """Stream the object; raises KeyError when it does not exist."""
+
+    def local_path(self, key: str) -> Path | None:
+        """A local file holding the object, when the backend has one (lets HTTP use sendfile)."""
+
+    async def delete(self, key: str) -> None:
+        """Remove the object if it exists."""
+
+    async def free_bytes(self) -> int | None:
+        """Free space where objects go, or None when unknown (object stores)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesQuery:
+    """Filters of ``GET /api/projects/{project}/series``."""
+
+    project: str
+    dataset: str | None = None
+    modality: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    text: str | None = None
+    limit: int = 50
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedInstance:
+    """One stored instance of the index, with its routing."""
+
+    record: InstanceRecord
+    routing: Routing
+    received_at: float
+
+
+class IndexBackend(Protocol):
+    """Projects, datasets, series mappings and one Kaapana document per series and project."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema; make sure the default project exists."""
+
+    async def aclose(self) -> None:
+        """Close connections and threads."""
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailableError when the index cannot serve requests."""
+
+    async def write_instances(self, batch: Sequence[IndexedInstance]) -> None:
+        """Upsert instances, series, mappings and documents of `batch` in one transaction."""
+
+    async def list_projects(self) -> list[dict[str, Any]]:
+        """Projects with series counts."""
+
+    async def project_exists(self, name: str) -> bool:
+        """Whether a project of that (lower-case) name exists."""
+
+    async def create_project(self, name: str, description: str = "") -> dict[str, Any]:
+        """Create a project; raises BackendRejectedError if it exists."""
+
+    async def delete_project(self, name: str) -> bool:
+        """Delete a project and its mappings (never the stored instances)."""
+
+    async def list_datasets(self, project: str) -> list[dict[str, Any]]:
+        """Datasets of a project with series and instance counts."""
+
+    async def query_series(self, query: SeriesQuery) -> tuple[int, list[dict[str, Any]]]:
+        """Total and one page of series summaries."""
+
+    async def get_series(self, series_instance_uid: str) -> dict[str, Any] | None:
+        """Everything known about one series, or None."""
+
+    async def list_instances(self, series_instance_uid: str) -> list[dict[str, Any]]:
+        """SOPInstanceUIDs of a series with sizes and instance numbers."""
+
+    async def instance_key(self, sop_instance_uid: str) -> str | None:
+        """The storage key of an instance, or None."""
+
+    async def incomplete_series(self) -> list[str]:
+        """Series not yet marked complete (for completion tracking after a restart)."""
+
+    async def complete_series(self, series_instance_uid: str) -> dict[str, Any]:
+        """Compute completion aggregates, write them into every document of the series."""
+
+    async def record_quarantine(self, stage: str, path: str, reason: str) -> None:
+        """Remember an item that kept failing."""
+
+    async def list_quarantine(self) -> list[dict[str, Any]]:
+        """Quarantined items, newest first."""

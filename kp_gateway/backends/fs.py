@@ -1,0 +1,155 @@
+"""Filesystem object storage under the data directory, with atomic, fsynced writes."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
+
+logger = logging.getLogger(__name__)
+
+# ENOSPC and friends are transient from the sender's point of view: space may come back.
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EMFILE}
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or new entry in it survives a power cut.
+
+    Blocking; call via asyncio.to_thread or from an association thread.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _map_os_error(exc: OSError, what: str) -> Exception:
+    if exc.errno in _TRANSIENT_ERRNOS:
+        return BackendUnavailableError(f"{what}: {exc.strerror}")
+    return BackendRejectedError(f"{what}: {exc}")
+
+
+class FsStorage:
+    """Objects as files under `root` (CONTRACT section 7 keys), written temp + fsync + rename.
+
+    Spool files live on the same filesystem, so storing one is a hard link (no copy).
+    """
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self._root = root
+        self._tmp = root / "spool" / "tmp"
+        self._fsync = fsync
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._tmp.mkdir, parents=True, exist_ok=True)
+
+    async def aclose(self) -> None:
+        return None
+
+    def _path(self, key: str) -> Path:
+        # Keys are built from validated UIDs or sanitised names; this guards the contract anyway.
+        if key.startswith("/") or ".." in key.split("/") or "\x00" in key:
+            raise BackendRejectedError(f"unsafe object key {key!r}")
+        return self._root / key
+
+    def _make_parent(self, dst: Path) -> None:
+        parent = dst.parent
+        if parent.is_dir():
+            return
+        created: list[Path] = []
+        probe = parent
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if self._fsync:
+            # A new directory entry must reach the disk too, or the file inside can vanish.
+            for directory in created:
+                fsync_dir(directory.parent)
+
+    def _put_file_sync(self, key: str, src: Path) -> int:
+        dst = self._path(key)
+        try:
+            self._make_parent(dst)
+            tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                os.link(src, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                # Different filesystem or no hard links: copy, then fsync the copy.
+                shutil.copyfile(src, tmp)
+                if self._fsync:
+                    with open(tmp, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            os.replace(tmp, dst)
+            if self._fsync:
+                fsync_dir(dst.parent)
+            return dst.stat().st_size
+        except OSError as exc:
+            raise _map_os_error(exc, f"storing {key}") from exc
+
+    async def put_file(self, key: str, src: Path) -> int:
+        return await asyncio.to_thread(self._put_file_sync, key, src)
+
+    def _put_bytes_sync(self, key: str, data: bytes) -> None:
+        dst = self._path(key)
+        try:
+            self._make_parent(dst)
+            tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, dst)
+            if self._fsync:
+                fsync_dir(dst.parent)
+        except OSError as exc:
+            raise _map_os_error(exc, f"storing {key}") from exc
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put_bytes_sync, key, data)
+
+    async def size(self, key: str) -> int | None:
+        path = self._path(key)
+        try:
+            return (await asyncio.to_thread(path.stat)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _map_os_error(exc, f"reading {key}") from exc
+
+    async def read_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        try:
+            fh = await asyncio.to_thread(open, path, "rb")
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        try:
+            while chunk := await asyncio.to_thread(fh.read, chunk_bytes):
+                yield chunk
+        finally:
+            fh.close()
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except OSError as exc:
+            raise _map_os_error(exc, f"deleting {key}") from exc
+
+    async def free_bytes(self) -> int | None:
+        usage = await asyncio.to_thread(shutil.disk_usage, self._root)
+        return usage.free

@@ -1,0 +1,529 @@
+"""SQLite index: projects, datasets, mappings and one Kaapana document per series and project.
+
+All SQL runs on one dedicated thread with one connection (SQLite connections are thread-bound);
+WAL mode with ``synchronous=FULL`` so a committed batch survives a power cut, which the
+pipeline relies on before it deletes the spool files of that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kp_gateway.backends.base import IndexedInstance, SeriesQuery
+from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ADMIN_PROJECT = "admin"
+
+# Kaapana's derived completion and validation keys (reference/kaapana-behaviour.md 3.4).
+KEY_COMPLETE = "00000000 IsSeriesComplete_boolean"
+KEY_MIN_IN = "00000000 MinInstanceNumber_integer"
+KEY_MAX_IN = "00000000 MaxInstanceNumber_integer"
+KEY_MISSING_IN = "00000000 MissingInstanceNumbers_integer"
+KEY_VALIDATION = "00111001 ValidationResults_object"
+KEY_THUMBNAIL = "00000000 ThumbnailInstanceUID_keyword"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS projects (
+    name TEXT PRIMARY KEY, description TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS datasets (
+    project TEXT NOT NULL, name TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (project, name));
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, patient_id TEXT NOT NULL,
+    modality TEXT NOT NULL, description TEXT NOT NULL, series_date TEXT NOT NULL,
+    first_received_at REAL NOT NULL, last_received_at REAL NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0, completed_at REAL);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL, transfer_syntax_uid TEXT NOT NULL, instance_number INTEGER,
+    number_of_frames INTEGER, size INTEGER NOT NULL, storage_key TEXT NOT NULL,
+    received_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
+CREATE TABLE IF NOT EXISTS series_projects (
+    series_uid TEXT NOT NULL, project TEXT NOT NULL, PRIMARY KEY (series_uid, project));
+CREATE INDEX IF NOT EXISTS series_projects_by_project ON series_projects (project);
+CREATE TABLE IF NOT EXISTS series_datasets (
+    series_uid TEXT NOT NULL, project TEXT NOT NULL, dataset TEXT NOT NULL,
+    PRIMARY KEY (series_uid, project, dataset));
+CREATE INDEX IF NOT EXISTS series_datasets_by_dataset ON series_datasets (project, dataset);
+CREATE TABLE IF NOT EXISTS documents (
+    project TEXT NOT NULL, series_uid TEXT NOT NULL, doc TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (project, series_uid));
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, stage TEXT NOT NULL, path TEXT NOT NULL,
+    reason TEXT NOT NULL, at REAL NOT NULL);
+"""
+
+
+def missing_numbers(numbers: Sequence[int]) -> list[int]:
+    """InstanceNumbers absent between the smallest and the largest present."""
+    if not numbers:
+        return []
+    present = set(numbers)
+    return [n for n in range(min(present), max(present) + 1) if n not in present]
+
+
+class SqliteIndex:
+    """The embedded index (see module docstring)."""
+
+    def __init__(self, path: Path, *, default_project: str = ADMIN_PROJECT) -> None:
+        self._path = path
+        self._default_project = default_project
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-index")
+        self._conn: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+
+        def call() -> T:
+            if self._conn is None:
+                raise BackendUnavailableError("index is not open")
+            try:
+                return fn(self._conn)
+            except sqlite3.IntegrityError as exc:
+                raise BackendRejectedError(f"index constraint: {exc}") from exc
+            except sqlite3.Error as exc:
+                # Locked, disk full, I/O error: worth retrying.
+                raise BackendUnavailableError(f"index error: {exc}") from exc
+
+        return await loop.run_in_executor(self._executor, call)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript(_SCHEMA)
+            now = time.time()
+            for name in {ADMIN_PROJECT, self._default_project}:
+                conn.execute(
+                    "INSERT OR IGNORE INTO projects (name, description, created_at) "
+                    "VALUES (?, ?, ?)",
+                    (name, "Initial admin project" if name == ADMIN_PROJECT else "", now),
+                )
+            self._conn = conn
+
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, connect)
+        except sqlite3.Error as exc:
+            raise BackendUnavailableError(f"cannot open index {self._path}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def write_instances(self, batch: Sequence[IndexedInstance]) -> None:
+        await self._run(lambda c: self._write_instances(c, batch))
+
+    def _write_instances(self, conn: sqlite3.Connection, batch: Sequence[IndexedInstance]) -> None:
+        projects = {row[0] for row in conn.execute("SELECT name FROM projects")}
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for item in batch:
+                self._write_one(conn, item, projects)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _write_one(
+        self, conn: sqlite3.Connection, item: IndexedInstance, projects: set[str]
+    ) -> None:
+        rec, routing, now = item.record, item.routing, item.received_at
+        # A project deleted while its association was open: keep the data visible in admin.
+        targets = [ADMIN_PROJECT]
+        if routing.project != ADMIN_PROJECT:
+            if routing.project in projects:
+                targets.append(routing.project)
+            else:
+                logger.warning(
+                    "project %s vanished before series %s was indexed; mapped to admin only",
+                    routing.project,
+                    rec.series_instance_uid,
+                )
+        conn.execute(
+            "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, "
+            "transfer_syntax_uid, instance_number, number_of_frames, size, storage_key, "
+            "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (sop_uid) DO UPDATE SET series_uid = excluded.series_uid, "
+            "study_uid = excluded.study_uid, sop_class_uid = excluded.sop_class_uid, "
+            "transfer_syntax_uid = excluded.transfer_syntax_uid, "
+            "instance_number = excluded.instance_number, "
+            "number_of_frames = excluded.number_of_frames, size = excluded.size, "
+            "storage_key = excluded.storage_key, received_at = excluded.received_at",
+            (
+                rec.sop_instance_uid,
+                rec.series_instance_uid,
+                rec.study_instance_uid,
+                rec.sop_class_uid,
+                rec.transfer_syntax_uid,
+                rec.instance_number,
+                rec.number_of_frames,
+                rec.size_bytes,
+                rec.storage_key,
+                now,
+            ),
+        )
+        # A late instance re-opens a completed series; completion runs again after it.
+        conn.execute(
+            "INSERT INTO series (series_uid, study_uid, patient_id, modality, description, "
+            "series_date, first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (series_uid) DO UPDATE SET last_received_at = "
+            "max(series.last_received_at, excluded.last_received_at), complete = 0",
+            (
+                rec.series_instance_uid,
+                rec.study_instance_uid,
+                rec.patient_id,
+                rec.modality,
+                rec.series_description,
+                rec.series_date,
+                now,
+                now,
+            ),
+        )
+        for project in targets:
+            conn.execute(
+                "INSERT OR IGNORE INTO series_projects (series_uid, project) VALUES (?, ?)",
+                (rec.series_instance_uid, project),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO datasets (project, name, created_at) VALUES (?, ?, ?)",
+                (project, routing.dataset, now),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO series_datasets (series_uid, project, dataset) "
+                "VALUES (?, ?, ?)",
+                (rec.series_instance_uid, project, routing.dataset),
+            )
+            if rec.document is not None:
+                self._merge_document(conn, project, rec.series_instance_uid, rec.document, now)
+
+    @staticmethod
+    def _merge_document(
+        conn: sqlite3.Connection, project: str, series_uid: str, new: dict[str, Any], now: float
+    ) -> None:
+        row = conn.execute(
+            "SELECT doc FROM documents WHERE project = ? AND series_uid = ?", (project, series_uid)
+        ).fetchone()
+        # Kaapana's merge: new keys over old; completion, validation and tags survive.
+        merged = {**json.loads(row[0]), **new} if row else dict(new)
+        conn.execute(
+            "INSERT INTO documents (project, series_uid, doc, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (project, series_uid) DO UPDATE SET doc = excluded.doc, "
+            "updated_at = excluded.updated_at",
+            (project, series_uid, json.dumps(merged, sort_keys=True), now),
+        )
+
+    async def update_documents(self, series_instance_uid: str, fields: dict[str, Any]) -> None:
+        """Merge `fields` into every project document of the series (thumbnail, validation)."""
+
+        def update(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._update_documents(conn, series_instance_uid, fields)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        await self._run(update)
+
+    @staticmethod
+    def _update_documents(
+        conn: sqlite3.Connection, series_uid: str, fields: dict[str, Any]
+    ) -> None:
+        now = time.time()
+        rows = conn.execute(
+            "SELECT project, doc FROM documents WHERE series_uid = ?", (series_uid,)
+        ).fetchall()
+        for row in rows:
+            doc = {**json.loads(row["doc"]), **fields}
+            conn.execute(
+                "UPDATE documents SET doc = ?, updated_at = ? WHERE project = ? AND series_uid = ?",
+                (json.dumps(doc, sort_keys=True), now, row["project"], series_uid),
+            )
+
+    async def complete_series(self, series_instance_uid: str) -> dict[str, Any]:
+        def complete(conn: sqlite3.Connection) -> dict[str, Any]:
+            numbers = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT instance_number FROM instances WHERE series_uid = ? "
+                    "AND instance_number IS NOT NULL",
+                    (series_instance_uid,),
+                )
+            ]
+            count = conn.execute(
+                "SELECT count(*) FROM instances WHERE series_uid = ?", (series_instance_uid,)
+            ).fetchone()[0]
+            if not numbers and count == 1:
+                numbers = [1]  # Kaapana treats a lone instance without a number as number 1
+            missing = missing_numbers(numbers)
+            fields: dict[str, Any] = {
+                KEY_COMPLETE: not missing,
+                KEY_MISSING_IN: missing,
+            }
+            if numbers:
+                fields[KEY_MIN_IN] = min(numbers)
+                fields[KEY_MAX_IN] = max(numbers)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._update_documents(conn, series_instance_uid, fields)
+                conn.execute(
+                    "UPDATE series SET complete = 1, completed_at = ? WHERE series_uid = ?",
+                    (time.time(), series_instance_uid),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return fields
+
+        return await self._run(complete)
+
+    async def record_quarantine(self, stage: str, path: str, reason: str) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO quarantine (stage, path, reason, at) VALUES (?, ?, ?, ?)",
+                (stage, path, reason, time.time()),
+            )
+        )
+
+    async def list_quarantine(self) -> list[dict[str, Any]]:
+        return await self._run(
+            lambda c: [
+                dict(r) for r in c.execute("SELECT * FROM quarantine ORDER BY id DESC LIMIT 1000")
+            ]
+        )
+
+    # -- projects and datasets ------------------------------------------------------------
+
+    async def list_projects(self) -> list[dict[str, Any]]:
+        return await self._run(
+            lambda c: [
+                dict(r)
+                for r in c.execute(
+                    "SELECT p.name, p.description, p.created_at, "
+                    "(SELECT count(*) FROM series_projects sp WHERE sp.project = p.name) "
+                    "AS series_count FROM projects p ORDER BY p.name"
+                )
+            ]
+        )
+
+    async def project_exists(self, name: str) -> bool:
+        return await self._run(
+            lambda c: (
+                c.execute("SELECT 1 FROM projects WHERE name = ?", (name,)).fetchone() is not None
+            )
+        )
+
+    async def create_project(self, name: str, description: str = "") -> dict[str, Any]:
+        now = time.time()
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO projects (name, description, created_at) VALUES (?, ?, ?)",
+                (name, description, now),
+            )
+        )
+        return {"name": name, "description": description, "created_at": now, "series_count": 0}
+
+    async def delete_project(self, name: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute("DELETE FROM projects WHERE name = ?", (name,))
+                for table in ("series_projects", "datasets", "series_datasets", "documents"):
+                    conn.execute(f"DELETE FROM {table} WHERE project = ?", (name,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return cur.rowcount > 0
+
+        return await self._run(delete)
+
+    async def list_datasets(self, project: str) -> list[dict[str, Any]]:
+        return await self._run(
+            lambda c: [
+                dict(r)
+                for r in c.execute(
+                    "SELECT d.name, d.created_at, "
+                    "(SELECT count(*) FROM series_datasets sd WHERE sd.project = d.project "
+                    " AND sd.dataset = d.name) AS series_count, "
+                    "(SELECT count(*) FROM instances i JOIN series_datasets sd "
+                    " ON sd.series_uid = i.series_uid WHERE sd.project = d.project "
+                    " AND sd.dataset = d.name) AS instance_count "
+                    "FROM datasets d WHERE d.project = ? ORDER BY d.name",
+                    (project,),
+                )
+            ]
+        )
+
+    # -- series and instances -------------------------------------------------------------
+
+    async def query_series(self, query: SeriesQuery) -> tuple[int, list[dict[str, Any]]]:
+        def run(conn: sqlite3.Connection) -> tuple[int, list[dict[str, Any]]]:
+            where = ["sp.project = ?"]
+            args: list[Any] = [query.project]
+            if query.dataset:
+                where.append(
+                    "EXISTS (SELECT 1 FROM series_datasets sd WHERE sd.series_uid = s.series_uid "
+                    "AND sd.project = ? AND sd.dataset = ?)"
+                )
+                args += [query.project, query.dataset]
+            for column, value in (
+                ("s.modality", query.modality),
+                ("s.patient_id", query.patient_id),
+                ("s.study_uid", query.study_uid),
+            ):
+                if value:
+                    where.append(f"{column} = ?")
+                    args.append(value)
+            if query.text:
+                where.append(
+                    "(s.description LIKE ? ESCAPE '\\' OR s.patient_id LIKE ? ESCAPE '\\' "
+                    "OR EXISTS (SELECT 1 FROM documents d WHERE d.project = sp.project AND "
+                    "d.series_uid = s.series_uid AND d.doc LIKE ? ESCAPE '\\'))"
+                )
+                pattern = "%" + _escape_like(query.text) + "%"
+                args += [pattern, pattern, pattern]
+            clause = " AND ".join(where)
+            base = f"FROM series s JOIN series_projects sp ON sp.series_uid = s.series_uid WHERE {clause}"  # noqa: E501
+            total = conn.execute(f"SELECT count(*) {base}", args).fetchone()[0]
+            rows = conn.execute(
+                f"SELECT s.* {base} ORDER BY s.last_received_at DESC, s.series_uid "
+                "LIMIT ? OFFSET ?",
+                [*args, query.limit, query.offset],
+            ).fetchall()
+            return total, [self._summary(conn, row, query.project) for row in rows]
+
+        return await self._run(run)
+
+    @staticmethod
+    def _summary(conn: sqlite3.Connection, row: sqlite3.Row, project: str) -> dict[str, Any]:
+        uid = row["series_uid"]
+        count = conn.execute("SELECT count(*) FROM instances WHERE series_uid = ?", (uid,))
+        datasets = conn.execute(
+            "SELECT dataset FROM series_datasets WHERE series_uid = ? AND project = ? "
+            "ORDER BY dataset",
+            (uid, project),
+        )
+        doc_row = conn.execute(
+            "SELECT doc FROM documents WHERE project = ? AND series_uid = ?", (project, uid)
+        ).fetchone()
+        doc = json.loads(doc_row[0]) if doc_row else {}
+        validation = doc.get(KEY_VALIDATION)
+        return {
+            "series_uid": uid,
+            "study_uid": row["study_uid"],
+            "patient_id": row["patient_id"],
+            "modality": row["modality"],
+            "description": row["description"],
+            "series_date": row["series_date"],
+            "instance_count": count.fetchone()[0],
+            "datasets": [r[0] for r in datasets],
+            "complete": bool(row["complete"]),
+            "first_received_at": row["first_received_at"],
+            "last_received_at": row["last_received_at"],
+            "validation": validation,
+            "has_thumbnail": KEY_THUMBNAIL in doc,
+        }
+
+    async def get_series(self, series_instance_uid: str) -> dict[str, Any] | None:
+        def run(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute(
+                "SELECT * FROM series WHERE series_uid = ?", (series_instance_uid,)
+            ).fetchone()
+            if row is None:
+                return None
+            projects = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT project FROM series_projects WHERE series_uid = ? ORDER BY project",
+                    (series_instance_uid,),
+                )
+            ]
+            datasets = [
+                {"project": r[0], "dataset": r[1]}
+                for r in conn.execute(
+                    "SELECT project, dataset FROM series_datasets WHERE series_uid = ? "
+                    "ORDER BY project, dataset",
+                    (series_instance_uid,),
+                )
+            ]
+            doc_row = conn.execute(
+                "SELECT doc FROM documents WHERE series_uid = ? ORDER BY project = ? DESC LIMIT 1",
+                (series_instance_uid, ADMIN_PROJECT),
+            ).fetchone()
+            count = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM instances WHERE series_uid = ?",
+                (series_instance_uid,),
+            ).fetchone()
+            return {
+                **dict(row),
+                "complete": bool(row["complete"]),
+                "projects": projects,
+                "datasets": datasets,
+                "instance_count": count[0],
+                "size_bytes": count[1],
+                "document": json.loads(doc_row[0]) if doc_row else {},
+            }
+
+        return await self._run(run)
+
+    async def list_instances(self, series_instance_uid: str) -> list[dict[str, Any]]:
+        return await self._run(
+            lambda c: [
+                dict(r)
+                for r in c.execute(
+                    "SELECT sop_uid, sop_class_uid, transfer_syntax_uid, instance_number, "
+                    "number_of_frames, size, storage_key, received_at FROM instances "
+                    "WHERE series_uid = ? ORDER BY instance_number, sop_uid",
+                    (series_instance_uid,),
+                )
+            ]
+        )
+
+    async def instance_key(self, sop_instance_uid: str) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT storage_key FROM instances WHERE sop_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(run)
+
+    async def incomplete_series(self) -> list[str]:
+        return await self._run(
+            lambda c: [r[0] for r in c.execute("SELECT series_uid FROM series WHERE complete = 0")]
+        )
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -1,0 +1,351 @@
+"""Configuration: frozen dataclasses per section; defaults < config.toml < environment < CLI.
+
+Environment variables are ``KP_GATEWAY_<SECTION>_<KEY>`` (e.g. ``KP_GATEWAY_DICOM_PORT=11113``).
+Secrets (``KP_GATEWAY_HTTP_TOKEN``) come from the environment only and are refused in the file.
+Every problem raises :class:`~kp_gateway.errors.ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kp_gateway.errors import ConfigError
+
+ENV_PREFIX = "KP_GATEWAY_"
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Kaapana's project-name rule, shortened so that "kp-" + name fits a 16-character AE title.
+PROJECT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,12}$")
+
+
+def _ck(default: Any, doc: str, **constraints: Any) -> Any:
+    """A config field: its default, its one-line documentation and optional min/max/choices."""
+    return field(default=default, metadata={"doc": doc, **constraints})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DicomConfig:
+    """``[dicom]``: the C-STORE SCP."""
+
+    host: str = _ck("0.0.0.0", "Address the DICOM listener binds to.")
+    port: int = _ck(11112, "DICOM port.", min=0, max=65535)
+    public_port: int = _ck(0, "Port senders use from outside (0 = same as port).", min=0, max=65535)
+    ae_title: str = _ck("KP-GATEWAY", "Our own AE title (any called AE is accepted for routing).")
+    default_project: str = _ck("admin", "Project for called AE titles without the kp- prefix.")
+    max_associations: int = _ck(
+        32, "Concurrent associations; more are rejected (transient).", min=1
+    )
+    max_pdu_length_bytes: int = _ck(
+        64 * MiB, "Largest PDU a peer may send; longer ones abort the association.", min=16384
+    )
+    receive_mode: str = _ck(
+        "chunked",
+        "chunked: pynetdicom spools each dataset to a file (flat memory); memory: in RAM.",
+        choices=("chunked", "memory"),
+    )
+    acse_timeout_s: float = _ck(30.0, "Wait for association messages.", min=1.0)
+    dimse_timeout_s: float = _ck(120.0, "Wait for DIMSE messages.", min=1.0)
+    network_timeout_s: float = _ck(120.0, "Idle connection timeout.", min=1.0)
+    admission_wait_s: float = _ck(
+        20.0,
+        "How long a C-STORE waits for pipeline space before answering 0xA700; keep it well "
+        "under the sender's DIMSE timeout.",
+        min=0.0,
+    )
+    min_free_bytes: int = _ck(
+        256 * MiB, "Answer 0xA700 when the spool filesystem has less free space.", min=0
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpConfig:
+    """``[http]``: the aiohttp server."""
+
+    host: str = _ck("0.0.0.0", "Address the HTTP server binds to.")
+    port: int = _ck(8080, "HTTP port.", min=0, max=65535)
+    auth: bool = _ck(True, "Require the bearer token (false only for loopback-only use).")
+    public_host: str = _ck("", "Host name senders use from outside (empty = the request's Host).")
+    token: str = field(default="", repr=False, metadata={"doc": "", "secret": True})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    """``[storage]``: object storage and the data directory."""
+
+    backend: str = _ck("fs", "Object storage backend.", choices=("fs",))
+    path: str = _ck("./kp-data", "Data directory: objects, SQLite index, spool, token.")
+    fsync: bool = _ck(True, "fsync files and directories before acknowledging (never turn off).")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IndexConfig:
+    """``[index]``: the metadata index."""
+
+    backend: str = _ck("sqlite", "Index backend.", choices=("sqlite",))
+    sqlite_path: str = _ck("", "SQLite file (empty = <storage.path>/index.sqlite3).")
+    batch_max_items: int = _ck(512, "Most index writes committed in one transaction.", min=1)
+    site_timezone: str = _ck("UTC", "Time zone of DICOM dates/times that carry no offset.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineConfig:
+    """``[pipeline]``: the staged, bounded ingest pipeline."""
+
+    queue_size: int = _ck(256, "Items each stage queue holds before senders wait.", min=1)
+    store_workers: int = _ck(4, "Concurrent store-stage workers.", min=1)
+    index_workers: int = _ck(1, "Concurrent index-stage workers (each commits batches).", min=1)
+    process_pool_size: int = _ck(
+        2, "Worker processes for CPU work (metadata, thumbnails), 0 = CPU count.", min=0
+    )
+    max_attempts: int = _ck(5, "Attempts per item and stage before quarantine.", min=1)
+    retry_backoff_s: float = _ck(0.5, "First retry delay; doubles per attempt.", min=0.0)
+    retry_backoff_max_s: float = _ck(30.0, "Longest retry delay.", min=0.0)
+    series_idle_s: float = _ck(
+        5.0, "A series is complete this long after its last instance and association end.", min=0
+    )
+    drain_timeout_s: float = _ck(60.0, "On shutdown, how long queued work may take.", min=0.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoggingConfig:
+    """``[logging]``."""
+
+    level: str = _ck(
+        "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration."""
+
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        """The data directory, absolute."""
+        return Path(self.storage.path).expanduser().resolve()
+
+    @property
+    def sqlite_path(self) -> Path:
+        """Where the SQLite index lives."""
+        if self.index.sqlite_path:
+            return Path(self.index.sqlite_path).expanduser().resolve()
+        return self.data_dir / "index.sqlite3"
+
+
+SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+}
+
+
+def _field_type(section_cls: type[Any], name: str) -> type[Any]:
+    hint = typing.get_type_hints(section_cls)[name]
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields today
+        raise TypeError(hint)
+    return typing.cast(type[Any], hint)
+
+
+def _coerce(key: str, value: Any, want: type[Any], *, from_text: bool) -> Any:
+    """Return `value` as `want`, parsing text when it came from the environment or the CLI."""
+    if from_text and isinstance(value, str):
+        text = value.strip()
+        try:
+            if want is bool:
+                lowered = text.lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            if want is int:
+                return int(text)
+            if want is float:
+                return float(text)
+        except ValueError:
+            raise ConfigError(
+                f"Config '{key}' has value {value!r}: not a valid {want.__name__}."
+            ) from None
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, bool):
+        raise ConfigError(f"Config '{key}' has value {value!r}: not a valid int.")
+    if not isinstance(value, want):
+        raise ConfigError(
+            f"Config '{key}' has value {value!r} of type {type(value).__name__}: "
+            f"expected {want.__name__}."
+        )
+    return value
+
+
+def _check_constraints(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"Config '{key}' has value {value!r}: must be >= {meta['min']}.")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"Config '{key}' has value {value!r}: must be <= {meta['max']}.")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(
+            f"Config '{key}' has value {value!r}: must be one of {', '.join(meta['choices'])}."
+        )
+
+
+def _apply(
+    layered: dict[str, dict[str, tuple[Any, bool]]],
+    source: Mapping[str, Any],
+    *,
+    origin: Literal["file", "env", "cli"],
+) -> None:
+    """Merge dotted-key values from one source into `layered` (section -> key -> (value, text))."""
+    for dotted, value in source.items():
+        section, _, key = dotted.partition(".")
+        section_cls = SECTIONS.get(section)
+        if section_cls is None:
+            raise ConfigError(f"Unknown config section '{section}' (in '{dotted}').")
+        fields = {f.name: f for f in dataclasses.fields(section_cls)}
+        fld = fields.get(key)
+        if fld is None:
+            raise ConfigError(f"Unknown config key '{dotted}'.")
+        if fld.metadata.get("secret") and origin != "env":
+            raise ConfigError(
+                f"Config '{dotted}' is a secret: set it with the environment variable "
+                f"{ENV_PREFIX}{section.upper()}_{key.upper()} only."
+            )
+        layered.setdefault(section, {})[key] = (value, origin != "file")
+
+
+def _flatten_toml(doc: Mapping[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"Config '{section}' must be a table like [{section}].")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                raise ConfigError(f"Unknown config key '{section}.{key}' (nested tables).")
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        values[f"{section}.{key}"] = value
+    return values
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load and validate the configuration.
+
+    Blocking (reads one file); call at start-up.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        A ``config.toml``; ``None`` means embedded defaults only.
+    environ : mapping, optional
+        Environment to read ``KP_GATEWAY_*`` from (default ``os.environ``).
+    overrides : mapping, optional
+        Dotted keys from the command line; they win over everything.
+
+    Raises
+    ------
+    ConfigError
+        For an unreadable file, an unknown key, a wrong type or an out-of-range value.
+    """
+    layered: dict[str, dict[str, tuple[Any, bool]]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"Cannot read config file {os.fspath(path)!r}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {os.fspath(path)!r} is not valid TOML: {exc}") from exc
+        _apply(layered, _flatten_toml(doc), origin="file")
+    _apply(layered, _env_values(os.environ if environ is None else environ), origin="env")
+    _apply(layered, dict(overrides or {}), origin="cli")
+
+    sections: dict[str, Any] = {}
+    for section, section_cls in SECTIONS.items():
+        kwargs: dict[str, Any] = {}
+        for fld in dataclasses.fields(section_cls):
+            key = f"{section}.{fld.name}"
+            if fld.name in layered.get(section, {}):
+                raw, from_text = layered[section][fld.name]
+                kwargs[fld.name] = _coerce(
+                    key, raw, _field_type(section_cls, fld.name), from_text=from_text
+                )
+            value = kwargs.get(fld.name, fld.default)
+            _check_constraints(key, value, fld.metadata)
+        sections[section] = section_cls(**kwargs)
+    cfg = Config(**sections)
+    _validate_cross_fields(cfg)
+    return cfg
+
+
+def _validate_cross_fields(cfg: Config) -> None:
+    if not PROJECT_NAME_RE.match(cfg.dicom.default_project):
+        raise ConfigError(
+            f"Config 'dicom.default_project' has value {cfg.dicom.default_project!r}: "
+            "project names are [a-z0-9][a-z0-9-]{0,12}."
+        )
+    if not 1 <= len(cfg.dicom.ae_title.strip()) <= 16:
+        raise ConfigError(
+            f"Config 'dicom.ae_title' has value {cfg.dicom.ae_title!r}: 1 to 16 characters."
+        )
+    try:
+        import zoneinfo
+
+        zoneinfo.ZoneInfo(cfg.index.site_timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"Config 'index.site_timezone' has value {cfg.index.site_timezone!r}: "
+            "not an IANA time zone."
+        ) from None
+
+
+def documented_keys() -> dict[str, str]:
+    """Every file-settable dotted key with its documentation line (secrets excluded)."""
+    docs: dict[str, str] = {}
+    for section, section_cls in SECTIONS.items():
+        for fld in dataclasses.fields(section_cls):
+            if not fld.metadata.get("secret"):
+                docs[f"{section}.{fld.name}"] = str(fld.metadata.get("doc", ""))
+    return docs
+
+
+def masked(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The effective configuration as nested dicts, secrets masked, for the start-up log."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        values: dict[str, Any] = {}
+        for fld in dataclasses.fields(obj):
+            value = getattr(obj, fld.name)
+            values[fld.name] = "***" if fld.metadata.get("secret") and value else value
+        out[section] = values
+    return out

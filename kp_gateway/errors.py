@@ -1,0 +1,135 @@
+"""The gateway's exception hierarchy and how each exception maps to a DICOM or HTTP status.
+
+::
+
+    GatewayError
+    ├── ConfigError(GatewayError, ValueError)   start-up only; names the dotted key; exit code 2
+    ├── RejectedInputError                      the sender's fault; never retried
+    │   ├── InvalidDicomError                   undecodable, no SOP UIDs, bad file meta
+    │   ├── UnknownProjectError                 called AE / ?project= names no project
+    │   ├── UnsafeArchiveError                  traversal, symlink, encrypted, corrupt zip
+    │   ├── PayloadTooLargeError                upload or extracted size over a cap
+    │   ├── UnsupportedMediaError               not a zip / DICOM / NIfTI where one is required
+    │   └── ConversionError                     NIfTI could not become conformant DICOM
+    ├── PipelineFull                            capacity; transient for the sender
+    ├── ShuttingDownError                       intake closed
+    └── BackendError                            raised only by backends/*, always ``from`` the cause
+        ├── BackendUnavailableError             transient (timeouts, disk full, connection) -> RETRY
+        └── BackendRejectedError                permanent (bad bucket, constraint) -> FAIL
+
+Only ``scp.py`` and ``http.py`` turn these into wire statuses, through the two tables below.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError, ValueError):
+    """A configuration key is unknown or has a bad value (start-up only)."""
+
+
+class RejectedInputError(GatewayError):
+    """The input itself is unacceptable; retrying cannot help."""
+
+
+class InvalidDicomError(RejectedInputError):
+    """The bytes are not a decodable DICOM instance with the UIDs we need."""
+
+
+class UnknownProjectError(RejectedInputError):
+    """The named project does not exist."""
+
+
+class UnsafeArchiveError(RejectedInputError):
+    """A zip archive is corrupt, encrypted or tries to escape its extraction root."""
+
+
+class PayloadTooLargeError(RejectedInputError):
+    """An upload, an archive member or an archive's total size exceeds a configured cap."""
+
+
+class UnsupportedMediaError(RejectedInputError):
+    """The payload is not of a kind this route accepts."""
+
+
+class ConversionError(RejectedInputError):
+    """NIfTI input could not be converted into conformant DICOM."""
+
+
+class PipelineFull(GatewayError):
+    """The pipeline stayed saturated past the admission wait."""
+
+
+class ShuttingDownError(GatewayError):
+    """The gateway is draining and accepts no new work."""
+
+
+class BackendError(GatewayError):
+    """A storage or index backend failed; raised only inside ``backends``."""
+
+
+class BackendUnavailableError(BackendError):
+    """A transient backend failure (disk full, timeout, connection); worth retrying."""
+
+
+class BackendRejectedError(BackendError):
+    """A permanent backend failure; retrying cannot help."""
+
+
+# C-STORE response statuses, PS3.4 Annex B.2.3 and PS3.7 C.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210  # what pynetdicom's own apps answer for "unable to decode"
+STATUS_PROCESSING_FAILURE = 0xC000
+
+_DIMSE_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (InvalidDicomError, STATUS_CANNOT_UNDERSTAND),
+    (PipelineFull, STATUS_OUT_OF_RESOURCES),
+    (ShuttingDownError, STATUS_OUT_OF_RESOURCES),
+    # A write that failed (disk full, backend down) is "out of resources", as qrscp answers.
+    (BackendError, STATUS_OUT_OF_RESOURCES),
+    (RejectedInputError, STATUS_CANNOT_UNDERSTAND),
+)
+
+_HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 400),
+    (UnknownProjectError, 404),
+    (PayloadTooLargeError, 413),
+    (UnsupportedMediaError, 415),
+    (ConversionError, 422),
+    (UnsafeArchiveError, 400),
+    (InvalidDicomError, 400),
+    (RejectedInputError, 400),
+    (PipelineFull, 503),
+    (ShuttingDownError, 503),
+    (BackendUnavailableError, 503),
+    (BackendRejectedError, 500),
+)
+
+
+def dimse_status_for(exc: BaseException) -> int:
+    """Return the C-STORE status for `exc`; 0xC000 for anything unexpected (a bug)."""
+    for exc_type, status in _DIMSE_STATUS:
+        if isinstance(exc, exc_type):
+            return status
+    return STATUS_PROCESSING_FAILURE
+
+
+def http_status_for(exc: BaseException) -> int:
+    """Return the HTTP status for `exc`; 500 for anything unexpected (a bug)."""
+    for exc_type, status in _HTTP_STATUS:
+        if isinstance(exc, exc_type):
+            return status
+    return 500
+
+
+def error_code_for(exc: BaseException) -> str:
+    """Return the stable machine-readable ``error`` code of the JSON error body."""
+    name = type(exc).__name__
+    if name.endswith("Error"):
+        name = name[: -len("Error")]
+    # CamelCase -> snake_case, e.g. UnsafeArchive -> unsafe_archive
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")

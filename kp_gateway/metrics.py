@@ -1,0 +1,77 @@
+"""Prometheus metrics on a per-app registry (never the global default one).
+
+prometheus-client metrics are thread-safe, so association threads update them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Stage latencies span sub-millisecond header reads to multi-second thumbnails.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """Every metric the gateway exports; names follow kp_gateway_<subsystem>_<what>_<unit>."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.cstore_total = Counter(
+            "kp_gateway_scp_cstore", "C-STORE requests answered, by status.", ["status"], registry=r
+        )
+        self.received_bytes = Counter(
+            "kp_gateway_scp_received_bytes", "Bytes of datasets received by C-STORE.", registry=r
+        )
+        self.associations_total = Counter(
+            "kp_gateway_scp_associations",
+            "Association requests, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.active_associations = Gauge(
+            "kp_gateway_scp_active_associations", "Associations currently open.", registry=r
+        )
+        self.instances_total = Counter(
+            "kp_gateway_instances_received",
+            "Instances accepted into the pipeline, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.stage_items = Counter(
+            "kp_gateway_pipeline_items",
+            "Items through each stage, by outcome.",
+            ["stage", "outcome"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "kp_gateway_stage_seconds",
+            "Time per stage batch.",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "kp_gateway_pipeline_queue_depth", "Items waiting per stage.", ["stage"], registry=r
+        )
+        self.in_flight = Gauge(
+            "kp_gateway_pipeline_in_flight", "Items admitted and not yet finished.", registry=r
+        )
+        self.series_completed = Counter(
+            "kp_gateway_series_completed", "Series marked complete.", registry=r
+        )
+        self.uploads_total = Counter(
+            "kp_gateway_uploads", "HTTP uploads, by final state.", ["state"], registry=r
+        )
+        self.upload_bytes = Counter(
+            "kp_gateway_upload_received_bytes", "Bytes received by HTTP uploads.", registry=r
+        )
+
+    def bind_queue_depths(self, depths: Callable[[], dict[str, int]]) -> None:
+        """Read queue depths at scrape time instead of on every put."""
+        for stage in depths():
+            self.queue_depth.labels(stage=stage).set_function(
+                lambda stage=stage: float(depths().get(stage, 0))  # type: ignore[misc]
+            )

@@ -1,0 +1,306 @@
+"""A staged pipeline: one bounded queue and a worker pool per stage, retries, quarantine, drain.
+
+It knows nothing of DICOM. A stage handler takes a batch of items and either returns (all OK)
+or raises; a failed batch is split and each item retried alone, so one bad item never holds
+back the others. A full queue makes the previous stage's workers wait, and in the end
+``submit`` itself, which is how backpressure reaches the sender.
+
+Runs on the event loop; every method must be called from the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from kp_gateway.errors import (
+    BackendRejectedError,
+    BackendUnavailableError,
+    PipelineFull,
+    RejectedInputError,
+    ShuttingDownError,
+)
+from kp_gateway.model import StageOutcome
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BatchHandler = Callable[[list[T]], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class _Envelope(Generic[T]):
+    item: T
+    attempts: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Stage(Generic[T]):
+    """One step of the pipeline.
+
+    Parameters
+    ----------
+    name : str
+        Used in logs, metrics labels and the quarantine folder.
+    handler : callable
+        ``async def handler(batch: list[T]) -> None``; raising fails the batch.
+    workers : int
+        Concurrent handler calls.
+    queue_size : int
+        Items waiting for this stage before the previous one has to wait.
+    batch_max : int
+        Most items handed to one handler call (the index stage commits a batch at once).
+    """
+
+    name: str
+    handler: BatchHandler[T]
+    workers: int = 1
+    queue_size: int = 64
+    batch_max: int = 1
+    queue: asyncio.Queue[_Envelope[T]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(maxsize=self.queue_size)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential backoff."""
+
+    max_attempts: int = 5
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Delay before attempt number `attempt` + 1."""
+        return float(min(self.backoff_max_s, self.backoff_s * (2 ** max(0, attempt - 1))))
+
+
+def classify(exc: BaseException) -> StageOutcome:
+    """RETRY for transient failures, FAIL for input or permanent backend failures."""
+    if isinstance(exc, RejectedInputError | BackendRejectedError):
+        return StageOutcome.FAIL
+    if isinstance(exc, BackendUnavailableError | OSError | TimeoutError):
+        return StageOutcome.RETRY
+    # An unexpected exception is a bug; retrying a few times costs little and the item is
+    # quarantined (never dropped) if it keeps failing.
+    return StageOutcome.RETRY
+
+
+class StageObserver(Generic[T]):
+    """Hooks for metrics and bookkeeping; the default does nothing."""
+
+    def on_stage_done(self, stage: str, batch: Sequence[T], seconds: float) -> None:
+        """A batch passed `stage`."""
+
+    def on_retry(self, stage: str, item: T, exc: BaseException) -> None:
+        """An item will be retried."""
+
+
+class Pipeline(Generic[T]):
+    """Bounded stages in sequence; see the module docstring.
+
+    Parameters
+    ----------
+    stages : sequence of Stage
+        In order; an item leaves the last stage finished.
+    on_finished : callable
+        ``async def (item)`` after the last stage succeeded.
+    on_quarantine : callable
+        ``async def (stage_name, item, exc)`` for an item that failed for good.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Stage[T]],
+        *,
+        retry: RetryPolicy,
+        on_finished: Callable[[T], Awaitable[None]],
+        on_quarantine: Callable[[str, T, BaseException], Awaitable[None]],
+        observer: StageObserver[T] | None = None,
+    ) -> None:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        self.stages = list(stages)
+        self._retry = retry
+        self._on_finished = on_finished
+        self._on_quarantine = on_quarantine
+        self._observer = observer or StageObserver()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._retry_tasks: set[asyncio.Task[None]] = set()
+        self._accepting = False
+        self.in_flight = 0
+
+    @property
+    def accepting(self) -> bool:
+        """Whether ``submit`` takes new items."""
+        return self._accepting
+
+    def start(self) -> None:
+        """Start the stage workers on the running loop."""
+        for index, stage in enumerate(self.stages):
+            for n in range(stage.workers):
+                task = asyncio.create_task(
+                    self._worker(index, stage), name=f"pipeline-{stage.name}-{n}"
+                )
+                self._tasks.add(task)
+        self._accepting = True
+
+    async def submit(self, item: T, *, timeout_s: float) -> None:
+        """Admit `item` into the first stage, waiting up to `timeout_s` for space.
+
+        Raises
+        ------
+        PipelineFull
+            The first queue stayed full for `timeout_s` (the sender gets 0xA700 / 503).
+        ShuttingDownError
+            The pipeline is draining.
+        """
+        if not self._accepting:
+            raise ShuttingDownError("the gateway is shutting down")
+        first = self.stages[0].queue
+        envelope = _Envelope(item)
+        try:
+            if timeout_s <= 0:
+                first.put_nowait(envelope)
+            else:
+                async with asyncio.timeout(timeout_s):
+                    await first.put(envelope)
+        except (TimeoutError, asyncio.QueueFull):
+            raise PipelineFull(
+                f"pipeline stayed full for {timeout_s:g} s ({first.qsize()} items queued)"
+            ) from None
+        self.in_flight += 1
+
+    def queue_depths(self) -> dict[str, int]:
+        """Items waiting per stage."""
+        return {stage.name: stage.queue.qsize() for stage in self.stages}
+
+    async def _worker(self, index: int, stage: Stage[T]) -> None:
+        next_queue = self.stages[index + 1].queue if index + 1 < len(self.stages) else None
+        while True:
+            batch = [await stage.queue.get()]
+            while len(batch) < stage.batch_max:
+                try:
+                    batch.append(stage.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            try:
+                await self._run_batch(stage, batch, next_queue)
+            finally:
+                for _ in batch:
+                    stage.queue.task_done()
+
+    async def _run_batch(
+        self,
+        stage: Stage[T],
+        batch: list[_Envelope[T]],
+        next_queue: asyncio.Queue[_Envelope[T]] | None,
+    ) -> None:
+        started = time.monotonic()
+        try:
+            await stage.handler([env.item for env in batch])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                # Split the batch: each item gets its own attempt and its own fate.
+                for env in batch:
+                    await self._run_batch(stage, [env], next_queue)
+                return
+            await self._handle_failure(stage, batch[0], exc)
+            return
+        self._observer.on_stage_done(
+            stage.name, [env.item for env in batch], time.monotonic() - started
+        )
+        for env in batch:
+            env.attempts = 0
+            if next_queue is not None:
+                await next_queue.put(env)
+            else:
+                self.in_flight -= 1
+                await self._finish(env.item)
+
+    async def _finish(self, item: T) -> None:
+        try:
+            await self._on_finished(item)
+        except Exception:
+            logger.exception("on_finished hook failed")
+
+    async def _handle_failure(self, stage: Stage[T], env: _Envelope[T], exc: Exception) -> None:
+        env.attempts += 1
+        outcome = classify(exc)
+        if outcome is StageOutcome.RETRY and env.attempts < self._retry.max_attempts:
+            delay = self._retry.delay(env.attempts)
+            logger.warning(
+                "stage %s failed (attempt %d of %d), retrying in %.1f s: %s",
+                stage.name,
+                env.attempts,
+                self._retry.max_attempts,
+                delay,
+                exc,
+            )
+            self._observer.on_retry(stage.name, env.item, exc)
+            task = asyncio.create_task(self._requeue(stage, env, delay))
+            self._retry_tasks.add(task)
+            task.add_done_callback(self._retry_tasks.discard)
+            return
+        if isinstance(exc, RejectedInputError | BackendRejectedError):
+            logger.warning("stage %s rejected an item for good: %s", stage.name, exc)
+        else:
+            logger.error(
+                "stage %s gave up after %d attempts", stage.name, env.attempts, exc_info=exc
+            )
+        self.in_flight -= 1
+        try:
+            await self._on_quarantine(stage.name, env.item, exc)
+        except Exception:
+            logger.exception("quarantine of a failed item failed; it stays in the spool")
+
+    async def _requeue(self, stage: Stage[T], env: _Envelope[T], delay: float) -> None:
+        await asyncio.sleep(delay)
+        # Counted in the stage's join() until it is back in the queue.
+        await stage.queue.put(env)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting, finish queued work within `timeout_s`, then stop the workers.
+
+        Returns True when everything finished; what did not stays in the spool and is
+        recovered at the next start.
+        """
+        self._accepting = False
+        finished = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    for stage in self.stages:
+                        await stage.queue.join()
+                    if not self._retry_tasks and all(s.queue.empty() for s in self.stages):
+                        break
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            finished = False
+            logger.warning(
+                "drain timed out; %d items stay in the spool for restart", self.in_flight
+            )
+        await self.aclose()
+        return finished
+
+    async def aclose(self) -> None:
+        """Cancel workers and pending retries at once."""
+        self._accepting = False
+        tasks = [*self._tasks, *self._retry_tasks]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        self._retry_tasks.clear()

@@ -1,0 +1,224 @@
+"""The ingest service: spool -> store -> index, plus series completion and crash recovery.
+
+This is where the DICOM-aware stage handlers live; the generic machinery is in ``core``.
+Runs on the event loop, except the functions documented as running on association threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+
+from kp_gateway.backends.base import IndexBackend, IndexedInstance, StorageBackend
+from kp_gateway.config import Config
+from kp_gateway.errors import BackendUnavailableError, InvalidDicomError, PipelineFull
+from kp_gateway.metrics import Metrics
+from kp_gateway.model import IngestItem, Routing
+from kp_gateway.pipeline.core import Pipeline, RetryPolicy, Stage, StageObserver
+from kp_gateway.pipeline.series import SeriesTracker
+from kp_gateway.pipeline.spool import Spool
+from kp_gateway.worker import inspect_instance
+
+logger = logging.getLogger(__name__)
+
+SeriesHook = Callable[[str, dict[str, object]], Awaitable[None]]
+
+
+class _MetricsObserver(StageObserver[IngestItem]):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def on_stage_done(self, stage: str, batch: Sequence[IngestItem], seconds: float) -> None:
+        self._metrics.stage_items.labels(stage=stage, outcome="ok").inc(len(batch))
+        self._metrics.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def on_retry(self, stage: str, item: IngestItem, exc: BaseException) -> None:
+        self._metrics.stage_items.labels(stage=stage, outcome="retry").inc()
+
+
+class IngestService:
+    """Owns the pipeline for received instances; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        storage: StorageBackend,
+        index: IndexBackend,
+        process_pool: Executor,
+        metrics: Metrics,
+        spool: Spool,
+    ) -> None:
+        self._cfg = cfg
+        self.storage = storage
+        self.index = index
+        self._pool = process_pool
+        self.metrics = metrics
+        self.spool = spool
+        self.series_complete_hooks: list[SeriesHook] = []
+        p = cfg.pipeline
+        self.pipeline: Pipeline[IngestItem] = Pipeline(
+            [
+                Stage("store", self._store, workers=p.store_workers, queue_size=p.queue_size),
+                Stage(
+                    "index",
+                    self._index,
+                    workers=p.index_workers,
+                    queue_size=p.queue_size,
+                    batch_max=cfg.index.batch_max_items,
+                ),
+            ],
+            retry=RetryPolicy(p.max_attempts, p.retry_backoff_s, p.retry_backoff_max_s),
+            on_finished=self._finished,
+            on_quarantine=self._quarantine,
+            observer=_MetricsObserver(metrics),
+        )
+        self.tracker = SeriesTracker(idle_s=p.series_idle_s, on_complete=self._complete_series)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        metrics.bind_queue_depths(self.pipeline.queue_depths)
+        metrics.in_flight.set_function(lambda: float(self.pipeline.in_flight))
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start workers and the completion tracker, then re-queue what a crash left behind."""
+        self.loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.spool.create)
+        self.pipeline.start()
+        self.tracker.start()
+        for uid in await self.index.incomplete_series():
+            self.tracker.track_existing(uid)
+        await self.recover()
+
+    async def recover(self) -> int:
+        """Submit every acknowledged but unfinished instance found in the spool."""
+        pending = await asyncio.to_thread(self.spool.pending)
+        count = 0
+        for routing, files in pending:
+            for path in files:
+                # No admission timeout: these were acknowledged already and must not be lost.
+                item = IngestItem(path, routing, path.stat().st_mtime)
+                await self.submit(item, timeout_s=0.0, wait_forever=True)
+                count += 1
+            self.tracker.source_closed(routing.source_id)
+        if count:
+            logger.info("recovering %d acknowledged instances from the spool", count)
+        return count
+
+    async def drain(self) -> bool:
+        """Finish queued work (bounded by ``pipeline.drain_timeout_s``) and stop."""
+        finished = await self.pipeline.drain(self._cfg.pipeline.drain_timeout_s)
+        if finished:
+            # Give completion a chance for what just finished, without waiting the idle time.
+            await self.tracker.check_once()
+        await self.tracker.aclose()
+        return finished
+
+    # -- intake ---------------------------------------------------------------------------
+
+    async def submit(
+        self, item: IngestItem, *, timeout_s: float, wait_forever: bool = False
+    ) -> None:
+        """Admit one spooled instance; raises PipelineFull / ShuttingDownError. Loop only."""
+        if wait_forever:
+            while True:
+                try:
+                    await self.pipeline.submit(item, timeout_s=60.0)
+                    break
+                except PipelineFull:
+                    continue  # acknowledged already: wait for space, never give up
+        else:
+            await self.pipeline.submit(item, timeout_s=timeout_s)
+        self.tracker.source_item_admitted(item.routing.source_id)
+
+    def source_closed(self, source_id: str) -> None:
+        """An association or upload ended. Loop only."""
+        self.tracker.source_closed(source_id)
+
+    # -- stages ---------------------------------------------------------------------------
+
+    async def _store(self, batch: list[IngestItem]) -> None:
+        loop = asyncio.get_running_loop()
+        for item in batch:
+            if item.record is None:
+                item.record = await loop.run_in_executor(
+                    self._pool,
+                    inspect_instance,
+                    str(item.spool_path),
+                    item.routing.project,
+                    item.routing.dataset,
+                    self._cfg.index.site_timezone,
+                    item.received_at,
+                )
+            await self.storage.put_file(item.record.storage_key, item.spool_path)
+
+    async def _index(self, batch: list[IngestItem]) -> None:
+        records = []
+        for item in batch:
+            if item.record is None:  # pragma: no cover - the store stage always sets it
+                raise InvalidDicomError("item reached the index stage without a header record")
+            records.append(IndexedInstance(item.record, item.routing, item.received_at))
+        await self.index.write_instances(records)
+        # Committed: the spool copies are no longer needed.
+        await asyncio.to_thread(self._discard_spool_files, [i.spool_path for i in batch])
+
+    def _discard_spool_files(self, paths: list[Path]) -> None:
+        for path in paths:
+            self.spool.discard(path)
+
+    async def _finished(self, item: IngestItem) -> None:
+        assert item.record is not None
+        self.tracker.source_item_settled(item.routing.source_id, item.record.series_instance_uid)
+
+    async def _quarantine(self, stage: str, item: IngestItem, exc: BaseException) -> None:
+        self.metrics.stage_items.labels(stage=stage, outcome="fail").inc()
+        target = await asyncio.to_thread(self.spool.quarantine_file, stage, item.spool_path)
+        reason = f"{type(exc).__name__}: {exc}"
+        try:
+            await self.index.record_quarantine(stage, str(target or item.spool_path), reason)
+        except BackendUnavailableError:
+            logger.exception("could not record quarantined item %s", target)
+        series = item.record.series_instance_uid if item.record else None
+        self.tracker.source_item_settled(item.routing.source_id, series)
+
+    async def _complete_series(self, series_uid: str) -> None:
+        fields = await self.index.complete_series(series_uid)
+        self.metrics.series_completed.inc()
+        logger.info("series %s complete", series_uid)
+        for hook in self.series_complete_hooks:
+            try:
+                await hook(series_uid, fields)
+            except Exception:
+                logger.exception("series-complete hook failed for %s", series_uid)
+
+    # -- bridge for association threads ---------------------------------------------------
+
+    def submit_from_thread(self, item: IngestItem, timeout_s: float) -> None:
+        """Admit an item from an association thread, blocking until admitted.
+
+        Runs on an association thread. Raises PipelineFull or ShuttingDownError.
+        """
+        assert self.loop is not None
+        future = asyncio.run_coroutine_threadsafe(self.submit(item, timeout_s=timeout_s), self.loop)
+        try:
+            # The coroutine enforces timeout_s itself; the margin covers a busy loop.
+            future.result(timeout=timeout_s + 5.0)
+        except TimeoutError:
+            future.cancel()
+            raise PipelineFull("the event loop did not admit the instance in time") from None
+
+    def call_from_thread(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop soon. Runs on any thread."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(fn)
+
+    def now(self) -> float:
+        """Wall-clock time for received_at stamps."""
+        return time.time()
+
+
+__all__ = ["IngestService", "Routing"]

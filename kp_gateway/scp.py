@@ -1,0 +1,383 @@
+"""The C-STORE SCP: pynetdicom AE, AE-title routing, the receive path and the bridge to the loop.
+
+Handlers named ``handle_*`` run on pynetdicom's association threads. They reach the event loop
+only through :class:`~kp_gateway.pipeline.ingest.IngestService`'s thread-safe bridge.
+
+The receive path never decodes the dataset: pynetdicom writes the received bytes into a spool
+file on our filesystem (chunked mode, flat memory) or hands them over in memory; we fsync the
+file and its folder, admit it to the pipeline, and only then answer 0x0000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import struct
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    StoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
+from kp_gateway.dicomutil import is_valid_uid, plausible_dataset_start
+from kp_gateway.errors import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    InvalidDicomError,
+    PipelineFull,
+    dimse_status_for,
+)
+from kp_gateway.metrics import Metrics
+from kp_gateway.model import IngestItem, Routing
+from kp_gateway.pipeline.ingest import IngestService
+
+logger = logging.getLogger(__name__)
+
+AE_PREFIX = "kp-"
+
+# PS3.8 9.3.4: A-ASSOCIATE-RJ result / source / reason values.
+_REJECTED_PERMANENT = 0x01
+_SOURCE_SERVICE_USER = 0x01
+_REASON_CALLED_AE_NOT_RECOGNISED = 0x07
+_REJECTED_TRANSIENT = 0x02
+_SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03
+_REASON_LOCAL_LIMIT_EXCEEDED = 0x02
+
+
+def parse_called_ae(called_ae_title: str, default_project: str) -> str:
+    """Project named by a called AE title: ``kp-<project>`` (any case) else the default."""
+    title = called_ae_title.strip()
+    if title.lower().startswith(AE_PREFIX) and len(title) > len(AE_PREFIX):
+        return title[len(AE_PREFIX) :].lower()
+    return default_project
+
+
+def parse_calling_ae(calling_ae_title: str) -> str:
+    """Dataset named by a calling AE title: ``kp-<dataset>``, else the title itself, lower case."""
+    title = calling_ae_title.strip()
+    if title.lower().startswith(AE_PREFIX) and len(title) > len(AE_PREFIX):
+        title = title[len(AE_PREFIX) :]
+    # Datasets become names in URLs and the UI; keep them printable and slash-free.
+    cleaned = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in title)
+    return cleaned.lower() or "unnamed"
+
+
+class CappedAssociationSocket(AssociationSocket):
+    """An AssociationSocket that refuses PDUs longer than a cap and reads in large blocks.
+
+    pynetdicom reads whatever PDU length the peer declares into memory, 4 KiB at a time; a peer
+    declaring 4 GiB would make us allocate it. Over the cap, ``recv`` raises OSError, which
+    pynetdicom treats as a closed connection (the association ends, nothing is acknowledged).
+    """
+
+    max_pdu_length = 64 << 20
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.max_pdu_length:
+            raise OSError(
+                f"peer declared a PDU of {nr_bytes} bytes, over the cap of {self.max_pdu_length}"
+            )
+        sock = self.socket
+        assert sock is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            count = sock.recv_into(view[received:], nr_bytes - received)
+            if count == 0:
+                del view
+                return buffer[:received]
+            received += count
+        del view
+        return buffer
+
+
+class _RequestHandler(RequestHandler):
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        # Re-class the wrapper pynetdicom just made: a second wrapper would announce the
+        # connection to the state machine twice.
+        sock.__class__ = CappedAssociationSocket
+        sock.max_pdu_length = self.server.max_pdu_length  # type: ignore[attr-defined]
+        return assoc
+
+
+class _Server(ThreadedAssociationServer):
+    """Refuses connections beyond a bound, so a flood of idle sockets cannot pile up threads."""
+
+    max_pdu_length = 64 << 20
+    max_connections = 64
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if len(self.ae.active_associations) >= self.max_connections:
+            logger.warning("refusing connection from %s: too many connections", client_address)
+            return False
+        return True
+
+
+@dataclass
+class _AssociationState:
+    routing: Routing
+    folder: Path | None = None
+
+
+class Scp:
+    """The DICOM listener; :meth:`start` and :meth:`stop` are called from the loop."""
+
+    def __init__(self, cfg: DicomConfig, ingest: IngestService, metrics: Metrics) -> None:
+        self._cfg = cfg
+        self._ingest = ingest
+        self._metrics = metrics
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._states: dict[int, _AssociationState] = {}
+        self._lock = threading.Lock()
+        self._free_checked_at = 0.0
+        self._free_ok = True
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self._cfg.ae_title)
+        ae.maximum_associations = self._cfg.max_associations
+        # 0 = unlimited: peers send PDUs as large as they like (far fewer round trips);
+        # CappedAssociationSocket still bounds what one PDU may claim.
+        ae.maximum_pdu_size = 0
+        ae.acse_timeout = self._cfg.acse_timeout_s
+        ae.dimse_timeout = self._cfg.dimse_timeout_s
+        ae.network_timeout = self._cfg.network_timeout_s
+        ae.add_supported_context(Verification)
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Bind and serve on a background thread. Blocking (binds a socket)."""
+        # Process-wide pynetdicom flags, set once here (pynetdicom has no per-AE switch).
+        _config.STORE_RECV_CHUNKED_DATASET = self._cfg.receive_mode == "chunked"
+        # Private and newer storage SOP classes are storage too: accept them all.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # Identifiers carry patient data: never log them.
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        spool_tmp = self._ingest.spool.tmp
+        spool_tmp.mkdir(parents=True, exist_ok=True)
+        # pynetdicom's chunked receive writes to tempfile's directory; ours is on the data
+        # filesystem, so the spool commit is a rename, never a copy.
+        tempfile.tempdir = str(spool_tmp)
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_ESTABLISHED, self.handle_established),
+            (evt.EVT_RELEASED, self.handle_closed),
+            (evt.EVT_ABORTED, self.handle_closed),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+        ]
+        server = cast(
+            _Server,
+            self.ae.make_server(
+                (self._cfg.host, self._cfg.port),
+                evt_handlers=handlers,
+                server_class=_Server,
+                request_handler=_RequestHandler,
+            ),
+        )
+        # start_server() would register the server; make_server() leaves that to us.
+        self.ae._servers.append(server)
+        server.max_pdu_length = self._cfg.max_pdu_length_bytes
+        server.max_connections = self._cfg.max_associations * 2
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="dicom-acceptor", daemon=True
+        )
+        self._thread.start()
+        logger.info("DICOM listening on %s:%d as %s", self._cfg.host, self.port, self._cfg.ae_title)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, wait up to `grace_s` for open associations, abort the rest."""
+        server = self._server
+        if server is None:
+            return
+        await asyncio.to_thread(server.shutdown)
+        deadline = time.monotonic() + grace_s
+        while self.ae.active_associations and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.ae.active_associations:
+            logger.warning("aborting %d associations", len(self.ae.active_associations))
+        await asyncio.to_thread(self.ae.shutdown)
+        server.server_close()
+        self._server = None
+
+    # -- association lifecycle (association threads) -------------------------------------
+
+    def _project_exists(self, name: str) -> bool:
+        loop = self._ingest.loop
+        assert loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._ingest.index.project_exists(name), loop)
+        return bool(future.result(timeout=10.0))
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """Route the association by AE titles; reject an unknown project (A-ASSOCIATE-RJ).
+
+        Runs on an association thread.
+        """
+        assoc = event.assoc
+        primitive = cast(Any, assoc.requestor.primitive)
+        called = str(primitive.called_ae_title).strip()
+        calling = str(primitive.calling_ae_title).strip()
+        project = parse_called_ae(called, self._cfg.default_project)
+        try:
+            known = PROJECT_NAME_RE.match(project) is not None and self._project_exists(project)
+        except Exception:
+            logger.exception("project lookup failed; rejecting transiently")
+            assoc.acse.send_reject(
+                _REJECTED_TRANSIENT,
+                _SOURCE_SERVICE_PROVIDER_PRESENTATION,
+                _REASON_LOCAL_LIMIT_EXCEEDED,
+            )
+            self._metrics.associations_total.labels(result="rejected").inc()
+            return
+        if not known:
+            logger.warning(
+                "rejecting association from %s: called AE %r names no project", calling, called
+            )
+            assoc.acse.send_reject(
+                _REJECTED_PERMANENT, _SOURCE_SERVICE_USER, _REASON_CALLED_AE_NOT_RECOGNISED
+            )
+            self._metrics.associations_total.labels(result="rejected").inc()
+            return
+        routing = Routing(
+            project=project,
+            dataset=parse_calling_ae(calling),
+            source_id=f"assoc-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}",
+            calling_ae_title=calling,
+            called_ae_title=called,
+        )
+        with self._lock:
+            self._states[id(assoc)] = _AssociationState(routing)
+
+    def handle_established(self, event: evt.Event) -> None:
+        """Count the association. Runs on an association thread."""
+        self._metrics.associations_total.labels(result="accepted").inc()
+        self._metrics.active_associations.inc()
+
+    def handle_closed(self, event: evt.Event) -> None:
+        """Tell series completion the source ended. Runs on an association thread."""
+        with self._lock:
+            state = self._states.pop(id(event.assoc), None)
+        if state is None:
+            return
+        self._metrics.active_associations.dec()
+        source_id = state.routing.source_id
+        self._ingest.call_from_thread(lambda: self._ingest.source_closed(source_id))
+
+    def handle_echo(self, event: evt.Event) -> int:
+        """C-ECHO: always success. Runs on an association thread."""
+        return STATUS_SUCCESS
+
+    # -- C-STORE (association threads) ----------------------------------------------------
+
+    def _storage_has_room(self) -> bool:
+        now = time.monotonic()
+        if now - self._free_checked_at > 1.0:
+            self._free_checked_at = now
+            try:
+                free = shutil.disk_usage(self._ingest.spool.root).free
+                self._free_ok = free >= self._cfg.min_free_bytes
+            except OSError:
+                self._free_ok = False
+        return self._free_ok
+
+    def handle_store(self, event: evt.Event) -> int:
+        """Spool the received bytes durably, admit them to the pipeline, return the status.
+
+        Runs on an association thread. Returns 0x0000 once the file and its folder are
+        fsynced and admitted; 0xA700 when storage is full or the pipeline stays saturated
+        past ``dicom.admission_wait_s``; 0xC210 when the bytes are not a dataset. Never
+        raises: pynetdicom would answer 0xC211 for us.
+        """
+        spooled: Path | None = None
+        try:
+            with self._lock:
+                state = self._states.get(id(event.assoc))
+            if state is None:
+                raise InvalidDicomError("C-STORE on an association that was never routed")
+            if not self._storage_has_room():
+                raise PipelineFull("storage is below dicom.min_free_bytes")
+            request = cast(Any, event.request)
+            sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+            if not is_valid_uid(sop_instance_uid):
+                raise InvalidDicomError(f"AffectedSOPInstanceUID {sop_instance_uid!r} is invalid")
+            transfer_syntax = str(event.context.transfer_syntax)
+            if state.folder is None:
+                state.folder = self._ingest.spool.open_source(state.routing)
+            spooled, size = self._spool(event, state.folder, transfer_syntax)
+            item = IngestItem(spooled, state.routing, time.time())
+            self._ingest.submit_from_thread(item, self._cfg.admission_wait_s)
+            self._metrics.received_bytes.inc(size)
+            self._metrics.instances_total.labels(source="dicom").inc()
+            self._metrics.cstore_total.labels(status="0x0000").inc()
+            return STATUS_SUCCESS
+        except Exception as exc:
+            status = dimse_status_for(exc)
+            if status == STATUS_OUT_OF_RESOURCES or isinstance(exc, InvalidDicomError):
+                logger.warning("C-STORE refused with 0x%04X: %s", status, exc)
+            else:
+                logger.exception("C-STORE failed with 0x%04X", status)
+            if spooled is not None:
+                # Not acknowledged, so not ours to keep.
+                with contextlib.suppress(OSError):
+                    spooled.unlink()
+            self._metrics.cstore_total.labels(status=f"0x{status:04X}").inc()
+            return status
+
+    def _spool(self, event: evt.Event, folder: Path, transfer_syntax: str) -> tuple[Path, int]:
+        spool = self._ingest.spool
+        if self._cfg.receive_mode == "chunked":
+            received = Path(event.dataset_path)
+            size = received.stat().st_size
+            with open(received, "rb") as fh:
+                head = _dataset_head(fh)
+            if not plausible_dataset_start(head, transfer_syntax):
+                raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+            return spool.commit_file(received, folder), size
+        data = event.encoded_dataset(include_meta=True)
+        meta_end = len(data) - len(cast(Any, event.request).DataSet.getbuffer())
+        if not plausible_dataset_start(bytes(data[meta_end : meta_end + 16]), transfer_syntax):
+            raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+        return spool.write_file(data, folder), len(data)
+
+
+def _dataset_head(fh: Any) -> bytes:
+    """The first 16 bytes of the dataset in a Part-10 file pynetdicom wrote."""
+    fh.seek(128 + 4)
+    group_length = fh.read(12)  # (0002,0000) UL, explicit VR little endian, always first
+    if len(group_length) < 12:
+        return b""
+    (meta_length,) = struct.unpack("<I", group_length[8:12])
+    fh.seek(128 + 4 + 12 + meta_length)
+    return bytes(fh.read(16))
+
+
+__all__ = ["Scp", "parse_called_ae", "parse_calling_ae"]

@@ -1,0 +1,53 @@
+"""Entry points that run in the process pool, away from the receiving interpreter.
+
+One busy Python thread beside pynetdicom's receive loop cuts its rate several-fold (the GIL),
+so header parsing and metadata extraction run here. Functions are module-level so they pickle.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+
+from kp_gateway.dicomutil import read_instance
+from kp_gateway.model import InstanceRecord
+
+logger = logging.getLogger(__name__)
+
+_DOCUMENTED_MAX = 20_000
+
+
+class _LruKeys(collections.OrderedDict[tuple[str, str, str], None]):
+    """A bounded set of recently documented series keys (insertion order = age)."""
+
+    def __setitem__(self, key: tuple[str, str, str], value: None) -> None:
+        super().__setitem__(key, value)
+        if len(self) > _DOCUMENTED_MAX:
+            self.popitem(last=False)
+
+
+_documented = _LruKeys()
+
+
+def inspect_instance(
+    path: str, project: str, dataset: str, site_timezone: str, arrived_at: float
+) -> InstanceRecord:
+    """Read one spooled instance's header, with the series document on first sight.
+
+    Runs in a worker process.
+    """
+    return read_instance(
+        path,
+        project=project,
+        dataset=dataset,
+        documented_series=_documented,
+        site_timezone=site_timezone,
+        arrived_at=arrived_at,
+    )
+
+
+def forget_documented_series() -> int:
+    """Clear this process's document cache (tests); returns the process id."""
+    _documented.clear()
+    return os.getpid()
