@@ -27,6 +27,7 @@ from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.spool import Spool
 from kp_gateway.scp import Scp
+from kp_gateway.worker import forget_documented_series
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
     health = Health()
     storage = make_storage(cfg)
     index = make_index(cfg)
-    # forkserver: the workers never inherit the SCP's threads or locks.
+    # spawn: workers never inherit the SCP's threads or locks, and need no socket in the
+    # temp directory (which the SCP points at its spool).
     pool = ProcessPoolExecutor(
-        max_workers=_pool_size(cfg), mp_context=multiprocessing.get_context("forkserver")
+        max_workers=_pool_size(cfg), mp_context=multiprocessing.get_context("spawn")
     )
     spool = Spool(cfg.data_dir, fsync=cfg.storage.fsync)
     token, generated = await asyncio.to_thread(load_or_create_token, cfg)
@@ -68,6 +70,7 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
     scp = Scp(cfg.dicom, ingest, metrics)
     runner: web.AppRunner | None = None
     try:
+        await _warm_up(pool, _pool_size(cfg))
         await ingest.start()
         await asyncio.to_thread(scp.start)
         app = make_app(cfg, ingest, token, health)
@@ -99,6 +102,14 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
         await index.aclose()
         await storage.aclose()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def _warm_up(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Start every worker process now, so the first C-STORE does not pay for imports."""
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(
+        *(loop.run_in_executor(pool, forget_documented_series) for _ in range(workers))
+    )
 
 
 def _bound_port(runner: web.AppRunner, configured: int) -> int:

@@ -251,21 +251,20 @@ class Scp:
             known = PROJECT_NAME_RE.match(project) is not None and self._project_exists(project)
         except Exception:
             logger.exception("project lookup failed; rejecting transiently")
-            assoc.acse.send_reject(
+            self._reject(
+                assoc,
                 _REJECTED_TRANSIENT,
                 _SOURCE_SERVICE_PROVIDER_PRESENTATION,
                 _REASON_LOCAL_LIMIT_EXCEEDED,
             )
-            self._metrics.associations_total.labels(result="rejected").inc()
             return
         if not known:
             logger.warning(
                 "rejecting association from %s: called AE %r names no project", calling, called
             )
-            assoc.acse.send_reject(
-                _REJECTED_PERMANENT, _SOURCE_SERVICE_USER, _REASON_CALLED_AE_NOT_RECOGNISED
+            self._reject(
+                assoc, _REJECTED_PERMANENT, _SOURCE_SERVICE_USER, _REASON_CALLED_AE_NOT_RECOGNISED
             )
-            self._metrics.associations_total.labels(result="rejected").inc()
             return
         routing = Routing(
             project=project,
@@ -276,6 +275,13 @@ class Scp:
         )
         with self._lock:
             self._states[id(assoc)] = _AssociationState(routing)
+
+    def _reject(self, assoc: Any, result: int, source: int, reason: int) -> None:
+        assoc.acse.send_reject(result, source, reason)
+        # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is on the
+        # wire, or closing the socket right after this handler would swallow it.
+        assoc.kill()
+        self._metrics.associations_total.labels(result="rejected").inc()
 
     def handle_established(self, event: evt.Event) -> None:
         """Count the association. Runs on an association thread."""

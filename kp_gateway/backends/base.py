@@ -121,6 +121,9 @@ class IndexBackend(Protocol):
     async def complete_series(self, series_instance_uid: str) -> dict[str, Any]:
         """Compute completion aggregates, write them into every document of the series."""
 
+    async def update_documents(self, series_instance_uid: str, fields: dict[str, Any]) -> None:
+        """Merge `fields` into every project document of the series (thumbnail, validation)."""
+
     async def record_quarantine(self, stage: str, path: str, reason: str) -> None:
         """Remember an item that kept failing."""
 

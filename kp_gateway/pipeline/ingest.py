@@ -26,6 +26,8 @@ from kp_gateway.worker import inspect_instance
 logger = logging.getLogger(__name__)
 
 SeriesHook = Callable[[str, dict[str, object]], Awaitable[None]]
+# Called with the item and None when it finished, or the exception that quarantined it.
+ItemHook = Callable[[IngestItem, BaseException | None], None]
 
 
 class _MetricsObserver(StageObserver[IngestItem]):
@@ -60,6 +62,7 @@ class IngestService:
         self.metrics = metrics
         self.spool = spool
         self.series_complete_hooks: list[SeriesHook] = []
+        self.item_settled_hooks: list[ItemHook] = []
         p = cfg.pipeline
         self.pipeline: Pipeline[IngestItem] = Pipeline(
             [
@@ -173,6 +176,14 @@ class IngestService:
     async def _finished(self, item: IngestItem) -> None:
         assert item.record is not None
         self.tracker.source_item_settled(item.routing.source_id, item.record.series_instance_uid)
+        self._run_item_hooks(item, None)
+
+    def _run_item_hooks(self, item: IngestItem, exc: BaseException | None) -> None:
+        for hook in self.item_settled_hooks:
+            try:
+                hook(item, exc)
+            except Exception:
+                logger.exception("item-settled hook failed")
 
     async def _quarantine(self, stage: str, item: IngestItem, exc: BaseException) -> None:
         self.metrics.stage_items.labels(stage=stage, outcome="fail").inc()
@@ -184,6 +195,7 @@ class IngestService:
             logger.exception("could not record quarantined item %s", target)
         series = item.record.series_instance_uid if item.record else None
         self.tracker.source_item_settled(item.routing.source_id, series)
+        self._run_item_hooks(item, exc)
 
     async def _complete_series(self, series_uid: str) -> None:
         fields = await self.index.complete_series(series_uid)
