@@ -1,4 +1,4 @@
-"""kp-gateway: a single-process DICOM ingestion gateway (C-STORE and HTTP upload into a local PACS)."""
+"""kp-gateway: a single-process DICOM ingestion gateway (C-STORE and HTTP upload into a PACS)."""
 
 import logging
 

