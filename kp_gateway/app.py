@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -25,9 +24,11 @@ from kp_gateway.config import Config
 from kp_gateway.http import Health, load_or_create_token, make_app
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.pipeline.series_stages import SeriesPostProcessor
+from kp_gateway.pipeline.series_stages import make_process_pool as make_series_pool
 from kp_gateway.pipeline.spool import Spool
 from kp_gateway.scp import Scp
-from kp_gateway.worker import forget_documented_series
+from kp_gateway.worker import forget_documented_series, make_process_pool
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RunningGateway:
     http_port: int
     token: str
     health: Health
+    series_stages: SeriesPostProcessor | None
 
 
 def _pool_size(cfg: Config) -> int:
@@ -55,11 +57,9 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
     health = Health()
     storage = make_storage(cfg)
     index = make_index(cfg)
-    # spawn: workers never inherit the SCP's threads or locks, and need no socket in the
-    # temp directory (which the SCP points at its spool).
-    pool = ProcessPoolExecutor(
-        max_workers=_pool_size(cfg), mp_context=multiprocessing.get_context("spawn")
-    )
+    pool = make_process_pool(_pool_size(cfg))
+    # Rendering gets its own low-priority pool: it must never queue ahead of header parsing.
+    series_pool = make_series_pool(cfg.series.process_pool_size) if cfg.series.enabled else None
     spool = Spool(cfg.data_dir, fsync=cfg.storage.fsync)
     token, generated = await asyncio.to_thread(load_or_create_token, cfg)
     await storage.open()
@@ -68,12 +68,18 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
         cfg, storage=storage, index=index, process_pool=pool, metrics=metrics, spool=spool
     )
     scp = Scp(cfg.dicom, ingest, metrics)
+    series_stages = _series_stages(cfg, series_pool)
+    if series_stages is not None:
+        series_stages.attach(ingest)
     runner: web.AppRunner | None = None
     try:
         await _warm_up(pool, _pool_size(cfg))
+        if series_stages is not None:
+            # Before ingest starts, so completions of recovered series are picked up.
+            await series_stages.start()
         await ingest.start()
         await asyncio.to_thread(scp.start)
-        app = make_app(cfg, ingest, token, health)
+        app = make_app(cfg, ingest, token, health, series_stages=series_stages)
         runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access"))
         await runner.setup()
         site = web.TCPSite(runner, cfg.http.host, cfg.http.port)
@@ -89,7 +95,7 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
             logger.info("upload page: http://%s:%d/?token=%s", host, http_port, token)
         else:
             logger.info("upload page: http://%s:%d/ (authentication off)", host, http_port)
-        yield RunningGateway(cfg, ingest, scp, http_port, token, health)
+        yield RunningGateway(cfg, ingest, scp, http_port, token, health, series_stages)
     finally:
         health.ready = False
         health.draining = True
@@ -99,9 +105,35 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
         await scp.stop(grace_s=cfg.pipeline.drain_timeout_s)
         drained = await ingest.drain()
         logger.info("pipeline %s", "drained" if drained else "stopped with work left in the spool")
+        if series_stages is not None:
+            # Unfinished thumbnails/validation are redone at the next start (rescan_on_start).
+            await series_stages.aclose(timeout_s=min(10.0, cfg.pipeline.drain_timeout_s))
         await index.aclose()
         await storage.aclose()
         pool.shutdown(wait=True, cancel_futures=True)
+        if series_pool is not None:
+            series_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _series_stages(cfg: Config, executor: ProcessPoolExecutor | None) -> SeriesPostProcessor | None:
+    s = cfg.series
+    if not s.enabled:
+        return None
+    return SeriesPostProcessor(
+        executor,
+        size_px=s.thumbnail_size_px,
+        validation_timeout_s=s.validation_timeout_s,
+        validation_max_instances=s.validation_max_instances,
+        validation_workers=s.validation_workers,
+        concurrency=s.concurrency,
+        queue_size=s.queue_size,
+        max_attempts=s.max_attempts,
+        retry_backoff_s=s.retry_backoff_s,
+        retry_backoff_max_s=s.retry_backoff_max_s,
+        enqueue_wait_s=s.enqueue_wait_s,
+        site_timezone=cfg.index.site_timezone,
+        rescan_on_start=s.rescan_on_start,
+    )
 
 
 async def _warm_up(pool: ProcessPoolExecutor, workers: int) -> None:

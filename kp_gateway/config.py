@@ -117,6 +117,31 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SeriesConfig:
+    """``[series]``: thumbnail and validation stages, run when a series completes."""
+
+    enabled: bool = _ck(True, "Render thumbnails and validate completed series.")
+    thumbnail_size_px: int = _ck(300, "Longer side of the thumbnail.", min=16, max=2048)
+    process_pool_size: int = _ck(1, "Low-priority worker processes for rendering.", min=1)
+    validation_timeout_s: float = _ck(30.0, "dciodvfy time limit per file.", min=0.1)
+    validation_max_instances: int = _ck(
+        50, "Larger series are validated on an even sample (first and last included).", min=1
+    )
+    validation_workers: int = _ck(2, "dciodvfy processes per series at once.", min=1)
+    concurrency: int = _ck(1, "Series processed at once.", min=1)
+    queue_size: int = _ck(1024, "Distinct series waiting for the stages.", min=1)
+    max_attempts: int = _ck(3, "Attempts per stage before the failure is recorded.", min=1)
+    retry_backoff_s: float = _ck(2.0, "First retry delay; doubles per attempt.", min=0.0)
+    retry_backoff_max_s: float = _ck(60.0, "Longest retry delay.", min=0.0)
+    enqueue_wait_s: float = _ck(
+        30.0, "How long a completion waits for queue space (else redone at next start).", min=0
+    )
+    rescan_on_start: bool = _ck(
+        True, "At start, redo complete series that have no thumbnail or validation."
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingConfig:
     """``[logging]``."""
 
@@ -134,6 +159,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -349,3 +375,48 @@ def masked(cfg: Config) -> dict[str, dict[str, Any]]:
             values[fld.name] = "***" if fld.metadata.get("secret") and value else value
         out[section] = values
     return out
+
+
+def render_config_toml() -> str:
+    """The documented ``config.toml``: every file-settable key with its default and doc line.
+
+    ``python -m kp_gateway.config > config.toml`` regenerates the shipped file; a test checks
+    that the file and this function agree.
+    """
+
+    def literal(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return f'"{value}"'
+        return repr(value)
+
+    lines = [
+        "# kp-gateway configuration. Every key is optional; the value shown is the default.",
+        "# Precedence: defaults < this file < environment KP_GATEWAY_<SECTION>_<KEY> < CLI flags.",
+        "# Secrets never go here: the API token comes from KP_GATEWAY_HTTP_TOKEN (or is generated",
+        "# into <storage.path>/token at first start).",
+        "",
+    ]
+    for section, section_cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for fld in dataclasses.fields(section_cls):
+            meta = fld.metadata
+            if meta.get("secret"):
+                continue
+            limits = []
+            if "choices" in meta:
+                limits.append("one of: " + ", ".join(meta["choices"]))
+            if "min" in meta:
+                limits.append(f"min {meta['min']}")
+            if "max" in meta:
+                limits.append(f"max {meta['max']}")
+            suffix = f" ({'; '.join(limits)})" if limits else ""
+            lines.append(f"# {meta.get('doc', '')}{suffix}")
+            lines.append(f"{fld.name} = {literal(fld.default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_config_toml(), end="")

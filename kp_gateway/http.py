@@ -27,7 +27,9 @@ from kp_gateway.errors import (
     error_code_for,
     http_status_for,
 )
+from kp_gateway.gallery import setup_gallery
 from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ INGEST_KEY = web.AppKey("ingest", IngestService)
 CONFIG_KEY = web.AppKey("config", Config)
 TOKEN_KEY = web.AppKey("token", str)
 HEALTH_KEY = web.AppKey("health", Health)
+SERIES_STAGES_KEY = web.AppKey("series_stages", SeriesPostProcessor)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -186,6 +189,8 @@ async def get_ready(request: web.Request) -> web.Response:
         "queues": pipeline.queue_depths(),
         "series_pending_completion": ingest.tracker.pending_count(),
     }
+    if (stages := request.app.get(SERIES_STAGES_KEY)) is not None:
+        components["series_stages"] = stages.readiness()
     ok = all(c["ok"] for c in components.values())
     return web.json_response(
         {"status": "ready" if ok else "not ready", "components": components},
@@ -381,13 +386,22 @@ async def get_quarantine(request: web.Request) -> web.Response:
     return web.json_response({"items": await request.app[INGEST_KEY].index.list_quarantine()})
 
 
-def make_app(cfg: Config, ingest: IngestService, token: str, health: Health) -> web.Application:
+def make_app(
+    cfg: Config,
+    ingest: IngestService,
+    token: str,
+    health: Health,
+    *,
+    series_stages: SeriesPostProcessor | None = None,
+) -> web.Application:
     """Build the application; the caller runs it with AppRunner/TCPSite on its own loop."""
     app = web.Application(middlewares=[error_middleware, auth_middleware])
     app[CONFIG_KEY] = cfg
     app[INGEST_KEY] = ingest
     app[TOKEN_KEY] = token
     app[HEALTH_KEY] = health
+    if series_stages is not None:
+        app[SERIES_STAGES_KEY] = series_stages
     app.router.add_get("/health/live", get_live)
     app.router.add_get("/health/ready", get_ready)
     app.router.add_get("/metrics", get_metrics)
@@ -404,6 +418,7 @@ def make_app(cfg: Config, ingest: IngestService, token: str, health: Health) -> 
     app.router.add_get("/api/series/{series_uid}/validation", get_validation_report)
     app.router.add_get("/api/instances/{sop_uid}", get_instance)
     app.router.add_get("/api/quarantine", get_quarantine)
+    setup_gallery(app)
     return app
 
 

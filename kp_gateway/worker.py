@@ -7,8 +7,11 @@ so header parsing and metadata extraction run here. Functions are module-level s
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 from kp_gateway.dicomutil import read_instance
 from kp_gateway.model import InstanceRecord
@@ -51,3 +54,22 @@ def forget_documented_series() -> int:
     """Clear this process's document cache (tests); returns the process id."""
     _documented.clear()
     return os.getpid()
+
+
+def _set_nice(increment: int) -> None:
+    """Pool initializer; runs in each new worker process."""
+    with contextlib.suppress(OSError):
+        os.nice(increment)
+
+
+def make_process_pool(workers: int, *, nice: int = 0) -> ProcessPoolExecutor:
+    """A bounded pool of spawned worker processes. Blocking; call at start-up.
+
+    spawn, not fork or forkserver: workers never inherit the SCP's threads or locks, and no
+    socket is needed in tempfile's directory (which the SCP points at its spool). `nice` > 0
+    lowers the workers' priority (background rendering must not slow the receive path).
+    """
+    context = multiprocessing.get_context("spawn")
+    if nice:
+        return ProcessPoolExecutor(workers, context, initializer=_set_nice, initargs=(nice,))
+    return ProcessPoolExecutor(workers, context)

@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import functools
 import logging
-import multiprocessing
 import os
 import tempfile
 import threading
@@ -64,6 +63,7 @@ from kp_gateway.validation import (
     render_report_html,
     validate_series,
 )
+from kp_gateway.worker import make_process_pool as worker_pool
 
 if TYPE_CHECKING:
     from kp_gateway.pipeline.ingest import IngestService
@@ -107,12 +107,6 @@ _BACKGROUND_NICE = 10
 # --- worker-process and thread side ---------------------------------------------------------
 
 
-def _lower_process_priority() -> None:
-    """Pool initializer; runs in each new worker process. Nice the whole worker."""
-    with contextlib.suppress(OSError):
-        os.nice(_BACKGROUND_NICE)
-
-
 def _lower_thread_priority() -> None:
     """Pool initializer; runs on each new validation thread.
 
@@ -124,12 +118,8 @@ def _lower_thread_priority() -> None:
 
 
 def make_process_pool(workers: int = 1) -> ProcessPoolExecutor:
-    """A low-priority forkserver process pool for rendering. Call on the loop at start-up."""
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("forkserver"),
-        initializer=_lower_process_priority,
-    )
+    """A low-priority process pool for rendering. Blocking; call at start-up."""
+    return worker_pool(workers, nice=_BACKGROUND_NICE)
 
 
 def slice_geometry(paths: Sequence[str]) -> dict[str, Any]:
@@ -299,8 +289,10 @@ class SeriesPostProcessor:
     site_timezone : str
         Shown in the report next to UTC.
     rescan_on_start : bool
-        At start, queue complete series that have no thumbnail or validation yet (work lost
-        by a crash or a full queue) and rebuild the SEG/RTSTRUCT reference table.
+        At start, rebuild the SEG/RTSTRUCT reference table from the index (awaited; pages
+        through the SEG and RTSTRUCT series only), then in the background queue complete
+        series that have no thumbnail or validation yet (work lost to a crash, a shutdown or
+        a full queue) and mask-only annotations whose referenced series is stored now.
     """
 
     def __init__(
@@ -362,7 +354,7 @@ class SeriesPostProcessor:
         ingest.series_complete_hooks.append(self.on_series_complete)
 
     async def start(self) -> None:
-        """Probe dciodvfy, start the workers and (optionally) the start-up rescan."""
+        """Probe dciodvfy, rebuild the reference table, start the workers and the rescan."""
         if self._index is None or self._storage is None:
             raise RuntimeError("attach(ingest) before start()")
         self._closing = False
@@ -372,14 +364,16 @@ class SeriesPostProcessor:
             initializer=_lower_thread_priority,
         )
         if self._executor is None:
-            self._executor = make_process_pool()
+            self._executor = await asyncio.to_thread(make_process_pool)
         self._set_validator_available(await asyncio.to_thread(dciodvfy_path) is not None)
         if not self._validator_available:
             logger.warning("dciodvfy not found on PATH: series will not be validated")
         for n in range(self._concurrency):
             self._spawn(self._worker(), self._tasks, f"series-stages-{n}")
         if self._rescan_on_start:
-            self._spawn(self._rescan(), self._tasks, "series-stages-rescan")
+            # Awaited: a referenced series completing right after start must find its SEGs.
+            redraw = await self._rebuild_references()
+            self._spawn(self._rescan(redraw), self._tasks, "series-stages-rescan")
 
     async def aclose(self, timeout_s: float = 0.0) -> None:
         """Stop: wait up to `timeout_s` for queued work, then cancel what is left.
@@ -419,6 +413,10 @@ class SeriesPostProcessor:
     def idle(self) -> bool:
         """Nothing queued, running or waiting for a retry."""
         return not (self._pending or self._running or self._again or self._side_tasks)
+
+    def is_running(self, series_uid: str) -> bool:
+        """Whether the series' stages are running right now."""
+        return series_uid in self._running
 
     def readiness(self) -> dict[str, Any]:
         """A /health/ready component; never gates readiness (ingest works without it)."""
@@ -552,7 +550,7 @@ class SeriesPostProcessor:
                 outcome = await self._validation(uid, series, instances, paths, fields)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged, recorded and retried there
             await self._stage_failed(stage, uid, exc)
             return
         self._attempts.pop((uid, stage), None)
@@ -739,49 +737,64 @@ class SeriesPostProcessor:
                 paths.append(str(target))
             yield paths
 
-    async def _rescan(self) -> None:
-        """Rebuild the reference table and queue complete series that lack results."""
+    async def _pages(self, modality: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every series summary of the admin project (every series is mapped there)."""
         index = self._require_index()
         offset, page = 0, 200
-        queued = 0
         while True:
             total, items = await index.query_series(
-                SeriesQuery(project=ADMIN_PROJECT, limit=page, offset=offset)
+                SeriesQuery(project=ADMIN_PROJECT, modality=modality, limit=page, offset=offset)
             )
             for item in items:
-                uid = str(item["series_uid"])
-                while self._queue.full() and not self._closing:
-                    await asyncio.sleep(0.2)  # the rescan may wait; completions may not
-                if str(item.get("modality") or "").upper() in _ANNOTATION_MODALITIES:
-                    queued += await self._rescan_annotation(uid)
-                if item.get("complete") and (
-                    not item.get("has_thumbnail") or item.get("validation") is None
-                ):
-                    missing = [STAGE_COMPLETENESS] if not item.get("has_thumbnail") else []
-                    if not item.get("has_thumbnail"):
-                        missing.append(STAGE_THUMBNAIL)
-                    if item.get("validation") is None:
-                        missing.append(STAGE_VALIDATION)
-                    queued += await self.enqueue(uid, missing)
+                yield item
             offset += len(items)
             if not items or offset >= total:
-                break
-        if queued:
-            logger.info("queued %d complete series without thumbnail or validation", queued)
+                return
 
-    async def _rescan_annotation(self, uid: str) -> bool:
-        """Note what a SEG/RTSTRUCT references; queue it if its mask-only reference arrived."""
+    async def _rebuild_references(self) -> list[str]:
+        """Fill the reference table from the SEG/RTSTRUCT documents of the index.
+
+        Returns the annotation series drawn mask-only whose referenced series is stored now.
+        """
         index = self._require_index()
-        series = await index.get_series(uid)
-        document = (series or {}).get("document") or {}
-        references = referenced_series_in_document(document)
-        for ref in references:
-            self._referrers.setdefault(ref, set()).add(uid)
-        if document.get(KEY_THUMBNAIL_STRATEGY) == "mask-only":
-            for ref in references:
-                if await index.get_series(ref) is not None:
-                    return await self.enqueue(uid, (STAGE_THUMBNAIL,))
-        return False
+        redraw: list[str] = []
+        for modality in sorted(_ANNOTATION_MODALITIES):
+            async for item in self._pages(modality):
+                uid = str(item["series_uid"])
+                series = await index.get_series(uid)
+                document = (series or {}).get("document") or {}
+                references = referenced_series_in_document(document)
+                for ref in references:
+                    self._referrers.setdefault(ref, set()).add(uid)
+                if document.get(KEY_THUMBNAIL_STRATEGY) == "mask-only":
+                    for ref in references:
+                        if await index.get_series(ref) is not None:
+                            redraw.append(uid)
+                            break
+        return redraw
+
+    async def _rescan(self, redraw: list[str]) -> None:
+        """Queue mask-only annotations to redraw and complete series that lack results."""
+        queued = 0
+        for uid in redraw:
+            await self._wait_for_space()
+            queued += await self.enqueue(uid, (STAGE_THUMBNAIL,))
+        async for item in self._pages():
+            has_thumbnail, has_validation = item.get("has_thumbnail"), item.get("validation")
+            if not item.get("complete") or (has_thumbnail and has_validation is not None):
+                continue
+            missing = [] if has_thumbnail else [STAGE_COMPLETENESS, STAGE_THUMBNAIL]
+            if has_validation is None:
+                missing.append(STAGE_VALIDATION)
+            await self._wait_for_space()
+            queued += await self.enqueue(str(item["series_uid"]), missing)
+        if queued:
+            logger.info("start-up rescan queued %d series", queued)
+
+    async def _wait_for_space(self) -> None:
+        # The rescan may wait for the queue as long as it takes; completions may not.
+        while self._queue.full() and not self._closing:
+            await asyncio.sleep(0.2)
 
 
 __all__ = [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kp_gateway.config import Config, documented_keys, load, masked
+from kp_gateway.config import Config, documented_keys, load, masked, render_config_toml
 from kp_gateway.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +27,11 @@ def test_load_defaults_match_contract() -> None:
 def test_load_repository_config_toml_equals_defaults() -> None:
     """The shipped config.toml loads and states every default exactly."""
     assert load(REPO / "config.toml", environ={}) == Config()
+
+
+def test_config_toml_is_the_rendered_documentation() -> None:
+    """config.toml is exactly what render_config_toml() produces (regenerate, never hand-edit)."""
+    assert (REPO / "config.toml").read_text() == render_config_toml()
 
 
 def test_config_toml_documents_every_key() -> None:

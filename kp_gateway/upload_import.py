@@ -1,0 +1,671 @@
+"""The import half of HTTP uploads: the upload record, member sniffing and spooling, and the
+importer that feeds a received upload into the ingest pipeline.
+
+Functions documented as blocking run on a worker thread via ``asyncio.to_thread``; the
+:class:`UploadImporter` coroutines run on the event loop. :mod:`kp_gateway.upload` owns the
+HTTP side (receiving, status, routes) and calls :meth:`UploadImporter.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import errno
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from kp_gateway.archive import ArchiveLimits, ArchiveMember, list_members, open_member
+from kp_gateway.backends.fs import fsync_dir
+from kp_gateway.dicomutil import is_valid_uid
+from kp_gateway.errors import (
+    InvalidDicomError,
+    PipelineFull,
+    RejectedInputError,
+    UnsupportedMediaError,
+    error_code_for,
+)
+from kp_gateway.model import IngestItem, Routing
+from kp_gateway.pipeline.ingest import IngestService
+
+logger = logging.getLogger(__name__)
+
+HEAD_BYTES = 1024  # the Part-10 preamble, "DICM" and a NIfTI-1/2 header all fit
+_COPY_CHUNK_BYTES = 1 << 20
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_NIFTI_SIDECARS = ("dataset.json", "meta_data.json", "seg_info.json")
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+# Status documents are rewritten while importing; keep them small whatever the upload holds.
+MAX_LISTED_ERRORS = 1000
+MAX_LISTED_FILES = 10_000
+MAX_LISTED_SERIES = 10_000
+
+RECEIVING, IMPORTING, DONE, FAILED = "receiving", "importing", "done", "failed"
+KINDS = ("auto", "dicom", "nifti", "files")
+
+
+class MemberKind(enum.StrEnum):
+    """What a member (or a single-file upload) turned out to be."""
+
+    DICOM = "dicom"  # a Part-10 file, spooled byte for byte
+    RAW_DICOM = "raw_dicom"  # looks like a dataset without preamble; converted to Part-10
+    NIFTI = "nifti"  # a NIfTI image or one of its JSON side-cars
+    OTHER = "other"
+
+
+@dataclass(slots=True, kw_only=True)
+class Upload:
+    """One upload's durable status record (``<data dir>/uploads-state/<id>.json``).
+
+    Mutated on the event loop only; persisted by :class:`kp_gateway.upload.UploadService`.
+    """
+
+    id: str
+    protocol: str  # "post" or "tus"
+    project: str
+    dataset: str
+    kind: str
+    extension: str = ""
+    filename: str = ""
+    state: str = RECEIVING
+    detail: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float | None = None
+    bytes_expected: int | None = None
+    bytes_received: int = 0
+    container: str = ""  # "zip" or "file", known once received
+    members_total: int = 0
+    members_done: int = 0  # import checkpoint: members before this index are spooled
+    files_seen: int = 0
+    files_skipped: int = 0
+    files_stored: int = 0
+    instances_submitted: int = 0
+    instances_imported: int = 0
+    instances_failed: int = 0
+    errors_total: int = 0
+    resumes: int = 0
+    series: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Upload:
+        """Rebuild a record from its JSON; unknown keys (a newer version's) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document that is persisted."""
+        return dataclasses.asdict(self)
+
+    def add_error(self, file: str, exc: BaseException | str, code: str = "") -> None:
+        """Record a per-file error (the list is capped; the total is not)."""
+        self.errors_total += 1
+        if len(self.errors) < MAX_LISTED_ERRORS:
+            if isinstance(exc, BaseException):
+                code, detail = code or error_code_for(exc), str(exc)
+            else:
+                detail = exc
+            self.errors.append({"file": file, "error": code or "rejected", "detail": detail})
+
+    def add_series(self, uid: str) -> None:
+        """Remember a series this upload delivered to."""
+        if uid not in self.series and len(self.series) < MAX_LISTED_SERIES:
+            self.series.append(uid)
+
+
+# -- blocking helpers (worker threads) ----------------------------------------------------
+
+
+def looks_like_zip(head: bytes, filename: str) -> bool:
+    """Pure. True when a single upload must be opened as a zip (magic bytes or a .zip name)."""
+    return head[:4] in _ZIP_MAGICS or filename.lower().endswith(".zip")
+
+
+def sniff(head: bytes, name: str) -> MemberKind:
+    """Pure. Classify a file from its first bytes, and from its name for NIfTI only.
+
+    DICOM is recognised by its header, never by its name: a Part-10 file has "DICM" at offset
+    128 (PS3.10 7.1); a dataset without preamble starts with a group 0002 or 0008 element,
+    which :func:`to_part10` then confirms by parsing it.
+    """
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return MemberKind.DICOM
+    lower = name.lower()
+    if lower.endswith(_NIFTI_SUFFIXES) or lower.rsplit("/", 1)[-1] in _NIFTI_SIDECARS:
+        return MemberKind.NIFTI
+    if len(head) >= 8:
+        (group_le,) = struct.unpack("<H", head[:2])
+        (group_be,) = struct.unpack(">H", head[:2])
+        if group_le in (0x0002, 0x0008) or group_be == 0x0008:
+            return MemberKind.RAW_DICOM
+    return MemberKind.OTHER
+
+
+def read_head(path: Path) -> bytes:
+    """Blocking. The first :data:`HEAD_BYTES` bytes of `path`."""
+    with open(path, "rb") as fh:
+        return fh.read(HEAD_BYTES)
+
+
+def member_head(archive: Path, member: ArchiveMember, limits: ArchiveLimits) -> bytes:
+    """Blocking. The first :data:`HEAD_BYTES` decompressed bytes of one member."""
+    with open_member(archive, member, limits) as src:
+        return src.read(HEAD_BYTES)
+
+
+def spool_member(
+    archive: Path, member: ArchiveMember, limits: ArchiveLimits, tmp_dir: Path
+) -> tuple[Path, MemberKind]:
+    """Blocking. Extract one member to a fresh ``tmp_dir/<uuid>.part`` (not yet fsynced).
+
+    Raises as :func:`kp_gateway.archive.open_member`; the partial file is removed on error.
+    """
+    dst = tmp_dir / f"{uuid.uuid4().hex}.part"
+    head = b""
+    try:
+        with open_member(archive, member, limits) as src, open(dst, "wb") as out:
+            while chunk := src.read(_COPY_CHUNK_BYTES):
+                if len(head) < HEAD_BYTES:
+                    head += chunk[: HEAD_BYTES - len(head)]
+                out.write(chunk)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return dst, sniff(head, member.name)
+
+
+def link_into(src: Path, tmp_dir: Path) -> Path:
+    """Blocking. A new name for `src` in `tmp_dir`: a hard link, or a copy across filesystems."""
+    dst = tmp_dir / f"{uuid.uuid4().hex}.part"
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def to_part10(src: Path) -> Path:
+    """Blocking. Rewrite a dataset without preamble (`src`) as a Part-10 file, in place.
+
+    The elements are written back in the encoding they were read in, under a file meta group
+    (PS3.10 7.1) naming that transfer syntax; `src` is replaced atomically.
+
+    Raises
+    ------
+    InvalidDicomError
+        The bytes do not parse as a dataset, or the SOP Class/Instance, Study or Series UID is
+        missing or invalid (a random file that merely starts with 08 00 ends here).
+    """
+    try:
+        ds = pydicom.dcmread(src, force=True)
+        uids = [
+            str(ds.get(k, ""))
+            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        ]
+        implicit, little = ds.original_encoding
+    except (PydicomInvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError) as exc:
+        raise InvalidDicomError(f"not a readable DICOM dataset ({exc})") from exc
+    if not all(is_valid_uid(uid) for uid in uids):
+        raise InvalidDicomError("not DICOM: no valid SOP Class, SOP Instance, Study or Series UID")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(uids[0])
+    meta.MediaStorageSOPInstanceUID = UID(uids[1])
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta = meta
+    # Group 0002 inside the dataset body is invalid in Part-10 and would be written twice.
+    for elem in [e for e in ds if e.tag.group == 0x0002]:
+        del ds[elem.tag]
+    dst = src.with_name(f"{src.stem}.p10.part")
+    try:
+        ds.save_as(dst, enforce_file_format=True)
+    except (ValueError, TypeError, OSError, struct.error) as exc:
+        dst.unlink(missing_ok=True)
+        raise InvalidDicomError(f"cannot write the dataset as Part-10 ({exc})") from exc
+    os.replace(dst, src)
+    return src
+
+
+def write_json_atomic(path: Path, payload: object, *, fsync: bool = True) -> None:
+    """Blocking. Write `payload` as JSON to `path` via temp file + fsync + rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, separators=(",", ":"))
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def read_records(folder: Path) -> list[Upload]:
+    """Blocking. Every readable ``*.json`` upload record in `folder`, oldest first."""
+    found: list[Upload] = []
+    if not folder.is_dir():
+        return found
+    for leftover in folder.glob(".*.tmp"):  # a crash between write and rename
+        leftover.unlink(missing_ok=True)
+    for path in folder.glob("*.json"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                found.append(Upload.from_dict(json.load(fh)))
+        except (OSError, ValueError, TypeError) as exc:
+            logger.error("unreadable upload record %s (%s); left in place", path, exc)
+    return sorted(found, key=lambda u: u.created_at)
+
+
+def fsync_file(path: Path) -> None:
+    """Blocking. fsync one file by name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_paths(*paths: Path) -> None:
+    """Blocking. Unlink files and remove folders, ignoring what is already gone."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def has_spooled_files(folders: list[Path]) -> bool:
+    """Blocking. Whether any of `folders` still holds acknowledged, unindexed instances."""
+    return any(any(f.glob("*.dcm")) for f in folders if f.is_dir())
+
+
+# -- the importer (event loop) ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NiftiJob:
+    """What the NIfTI importer gets: an extracted tree, its routing, and how to emit DICOM.
+
+    ``emit(path, name)`` spools one Part-10 file the importer wrote into ``tmp_dir`` (same
+    filesystem as the spool; ownership passes to the gateway) and admits it to the pipeline,
+    waiting while the pipeline is saturated. `name` attributes per-file errors.
+    """
+
+    tree: Path
+    routing: Routing
+    tmp_dir: Path
+    emit: Callable[[Path, str], Awaitable[None]]
+
+
+# Returns per-file errors as (relative path, human-readable reason); runs on the event loop.
+NiftiImporter = Callable[[NiftiJob], Awaitable[list[tuple[str, str]]]]
+
+
+@dataclass(slots=True)
+class _Progress:
+    """In-memory bookkeeping of one running import (the record holds the durable counters)."""
+
+    upload: Upload
+    submitted: int = 0
+    settled: int = 0
+    names: dict[str, str] = field(default_factory=dict)  # spool path -> member name
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class UploadImporter:
+    """Feeds received uploads into the pipeline; one :meth:`run` per upload, on the loop.
+
+    Parameters
+    ----------
+    ingest : IngestService
+        The pipeline, its spool and its storage.
+    limits : ArchiveLimits
+        Caps re-checked while extracting each member.
+    admission_wait_s : float
+        How long one ``submit`` waits for pipeline space before it is retried (backpressure:
+        the import slows down, it never drops an instance).
+    nifti_importer : NiftiImporter, optional
+        Converts NIfTI trees; ``None`` keeps NIfTI members as plain files under ``kind=auto``.
+    on_change : callable
+        Called with an upload whenever its counters moved (the service persists it lazily).
+    """
+
+    def __init__(
+        self,
+        ingest: IngestService,
+        *,
+        limits: ArchiveLimits,
+        admission_wait_s: float,
+        nifti_importer: NiftiImporter | None,
+        on_change: Callable[[Upload], None],
+    ) -> None:
+        self._ingest = ingest
+        self._limits = limits
+        self._admission_wait_s = admission_wait_s
+        self._nifti = nifti_importer
+        self._on_change = on_change
+        self._running: dict[str, _Progress] = {}
+        ingest.item_settled_hooks.append(self._item_settled)
+        # Settlements of items recovered from the spool before their record was loaded.
+        self._early: dict[str, list[tuple[IngestItem, BaseException | None]]] = {}
+        self.records: dict[str, Upload] = {}
+
+    # -- settlement (pipeline hook, loop) -------------------------------------------------
+
+    @staticmethod
+    def upload_id_of(source_id: str) -> str | None:
+        """The upload id of a spool source ``upload-<id>`` or ``upload-<id>.<resume>``."""
+        if not source_id.startswith("upload-"):
+            return None
+        return source_id[len("upload-") :].split(".", 1)[0]
+
+    def _item_settled(self, item: IngestItem, exc: BaseException | None) -> None:
+        upload_id = self.upload_id_of(item.routing.source_id)
+        if upload_id is None:
+            return
+        upload = self.records.get(upload_id)
+        if upload is None:
+            self._early.setdefault(upload_id, []).append((item, exc))
+            return
+        progress = self._running.get(upload_id)
+        name = progress.names.pop(str(item.spool_path), "") if progress else ""
+        self.apply_settlement(upload, item, exc, name)
+        if progress is not None:
+            progress.settled += 1
+            if progress.settled >= progress.submitted:
+                progress.idle.set()
+
+    def apply_settlement(
+        self, upload: Upload, item: IngestItem, exc: BaseException | None, name: str = ""
+    ) -> None:
+        """Count one settled item of `upload`. Loop only."""
+        if exc is None:
+            upload.instances_imported += 1
+            if item.record is not None:
+                upload.add_series(item.record.series_instance_uid)
+        else:
+            upload.instances_failed += 1
+            upload.add_error(name or f"(spooled as {item.spool_path.name})", exc)
+        self._on_change(upload)
+
+    def adopt(self, upload: Upload) -> None:
+        """Register a loaded record and apply settlements that arrived before it. Loop only."""
+        self.records[upload.id] = upload
+        for item, exc in self._early.pop(upload.id, []):
+            self.apply_settlement(upload, item, exc)
+
+    # -- running one import ---------------------------------------------------------------
+
+    async def run(self, upload: Upload, body: Path, work_dir: Path) -> None:
+        """Import a fully received upload. Runs on the loop; blocking work goes to threads.
+
+        Per-member problems become per-file errors in the record. Raises RejectedInputError
+        when the upload as a whole cannot be imported, ShuttingDownError when the pipeline
+        closes (the record stays ``importing`` and resumes at the next start).
+        """
+        spool = self._ingest.spool
+        suffix = f".{upload.resumes}" if upload.resumes else ""
+        routing = Routing(upload.project, upload.dataset, source_id=f"upload-{upload.id}{suffix}")
+        progress = _Progress(upload)
+        progress.idle.set()
+        self._running[upload.id] = progress
+        folder: Path | None = None
+        if upload.kind != "files":
+            folder = await asyncio.to_thread(spool.open_source, routing)
+        try:
+            ctx = _Run(self, upload, routing, folder, progress, body, work_dir)
+            if upload.container == "zip":
+                await ctx.import_zip()
+            else:
+                await ctx.import_single()
+            if ctx.nifti_names:
+                await ctx.import_nifti()
+            await progress.idle.wait()
+            if upload.resumes:
+                await self._wait_for_earlier_sources(upload)
+        finally:
+            self._running.pop(upload.id, None)
+            self._ingest.source_closed(routing.source_id)
+            if folder is not None:
+                await asyncio.to_thread(spool.remove_source_if_empty, routing.source_id)
+
+    async def _wait_for_earlier_sources(self, upload: Upload) -> None:
+        # Instances spooled before the crash are re-queued by IngestService.recover; the
+        # upload is done only when they have settled too.
+        incoming = self._ingest.spool.incoming
+        folders = [incoming / f"upload-{upload.id}"]
+        folders += [incoming / f"upload-{upload.id}.{n}" for n in range(1, upload.resumes)]
+        while await asyncio.to_thread(has_spooled_files, folders):
+            await asyncio.sleep(0.25)
+
+    async def submit(self, progress: _Progress, path: Path, routing: Routing, name: str) -> None:
+        """Admit one spooled instance, waiting (never dropping) while the pipeline is full."""
+        item = IngestItem(path, routing, time.time())
+        progress.names[str(path)] = name
+        progress.submitted += 1
+        progress.idle.clear()
+        while True:
+            try:
+                await self._ingest.submit(item, timeout_s=self._admission_wait_s)
+                break
+            except PipelineFull:
+                logger.info("pipeline full; upload %s waits", progress.upload.id)
+        progress.upload.instances_submitted += 1
+        self._ingest.metrics.instances_total.labels(source="upload").inc()
+
+
+class _Run:
+    """The state of one :meth:`UploadImporter.run` call. Loop only."""
+
+    def __init__(
+        self,
+        importer: UploadImporter,
+        upload: Upload,
+        routing: Routing,
+        folder: Path | None,
+        progress: _Progress,
+        body: Path,
+        work_dir: Path,
+    ) -> None:
+        self.importer = importer
+        self.ingest = importer._ingest
+        self.limits = importer._limits
+        self.upload = upload
+        self.routing = routing
+        self.folder = folder
+        self.progress = progress
+        self.body = body
+        self.nifti_dir = work_dir / f"{upload.id}.nifti"
+        self.nifti_names: list[str] = []
+
+    def _dicom_allowed(self, name: str) -> bool:
+        ext = self.upload.extension.lower()
+        return self.upload.kind in ("auto", "dicom") and (not ext or name.lower().endswith(ext))
+
+    async def import_zip(self) -> None:
+        upload = self.upload
+        members = await asyncio.to_thread(list_members, self.body, self.limits)
+        upload.members_total = len(members)
+        for index in range(upload.members_done, len(members)):
+            member = members[index]
+            if upload.kind == "dicom" and not self._dicom_allowed(member.name):
+                upload.files_skipped += 1
+            else:
+                upload.files_seen += 1
+                try:
+                    path, kind = await asyncio.to_thread(
+                        spool_member, self.body, member, self.limits, self.ingest.spool.tmp
+                    )
+                except RejectedInputError as exc:
+                    upload.add_error(member.name, exc)
+                else:
+                    await self._dispatch(path, kind, member.name)
+            upload.members_done = index + 1
+            self.importer._on_change(upload)
+
+    async def import_single(self) -> None:
+        upload = self.upload
+        upload.members_total = 1
+        if upload.members_done:
+            return
+        upload.files_seen = 1
+        head = await asyncio.to_thread(read_head, self.body)
+        path = await asyncio.to_thread(link_into, self.body, self.ingest.spool.tmp)
+        await self._dispatch(path, sniff(head, upload.filename), upload.filename)
+        upload.members_done = 1
+        self.importer._on_change(upload)
+
+    async def _dispatch(self, path: Path, kind: MemberKind, name: str) -> None:
+        """Route one extracted file (a spool tmp file we own) to the pipeline or storage."""
+        upload = self.upload
+        try:
+            is_dicom = kind in (MemberKind.DICOM, MemberKind.RAW_DICOM)
+            if is_dicom and self._dicom_allowed(name):
+                if kind == MemberKind.RAW_DICOM:
+                    try:
+                        await asyncio.to_thread(to_part10, path)
+                    except InvalidDicomError as exc:
+                        if upload.kind == "dicom":
+                            raise
+                        logger.debug("%s looked like DICOM but is not: %s", name, exc)
+                        kind = MemberKind.OTHER
+                if kind != MemberKind.OTHER:
+                    assert self.folder is not None
+                    spooled = await asyncio.to_thread(
+                        self.ingest.spool.commit_file, path, self.folder
+                    )
+                    await self.importer.submit(self.progress, spooled, self.routing, name)
+                    return
+            if upload.kind == "dicom":
+                raise InvalidDicomError("not a DICOM file (no DICM header, no dataset)")
+            if (
+                upload.kind in ("auto", "nifti")
+                and kind == MemberKind.NIFTI
+                and self.importer._nifti
+            ):
+                await asyncio.to_thread(_move_into, path, self.nifti_dir / name)
+                self.nifti_names.append(name)
+                return
+            if upload.kind == "nifti":
+                raise RejectedInputError("not part of a NIfTI tree (.nii, .nii.gz or its JSON)")
+            await self._store_file(path, name)
+        except RejectedInputError as exc:
+            upload.add_error(name, exc)
+        finally:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def _store_file(self, path: Path, name: str) -> None:
+        upload = self.upload
+        size = await self.ingest.storage.put_file(f"uploads/{upload.id}/{name}", path)
+        upload.files_stored += 1
+        if len(upload.files) < MAX_LISTED_FILES:
+            upload.files.append({"path": name, "size": size})
+
+    async def import_nifti(self) -> None:
+        importer = self.importer._nifti
+        assert importer is not None
+
+        async def emit(path: Path, name: str) -> None:
+            assert self.folder is not None
+            spooled = await asyncio.to_thread(self.ingest.spool.commit_file, path, self.folder)
+            await self.importer.submit(self.progress, spooled, self.routing, name)
+
+        try:
+            job = NiftiJob(self.nifti_dir, self.routing, self.ingest.spool.tmp, emit)
+            for name, reason in await importer(job):
+                self.upload.add_error(name, reason, "conversion")
+        finally:
+            await asyncio.to_thread(remove_paths, self.nifti_dir)
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Blocking. Move `src` to `dst`, creating parent folders."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+__all__ = [
+    "KINDS",
+    "MemberKind",
+    "NiftiImporter",
+    "NiftiJob",
+    "Upload",
+    "UploadImporter",
+    "looks_like_zip",
+    "sniff",
+    "to_part10",
+]
+
+
+def inspect_body(
+    body: Path, filename: str, kind: str, extension: str, limits: ArchiveLimits
+) -> tuple[str, int]:
+    """Blocking. Check a fully received upload before it is accepted (answered 202).
+
+    Returns ``("zip", member count)`` or ``("file", 1)``. A single dataset without preamble
+    under ``kind=dicom`` is converted to Part-10 in place here, so that a non-DICOM file is
+    refused synchronously.
+
+    Raises
+    ------
+    UnsafeArchiveError, PayloadTooLargeError
+        From :func:`kp_gateway.archive.list_members`: corrupt, encrypted, traversal, bomb.
+    UnsupportedMediaError
+        Nothing the requested kind can import (no DICOM member under ``kind=dicom``).
+    InvalidDicomError
+        A single file under ``kind=dicom`` that is not DICOM.
+    """
+    head = read_head(body)
+    if not head:
+        raise RejectedInputError("the upload is empty")
+    if looks_like_zip(head, filename):
+        members = list_members(body, limits)
+        if not members:
+            raise UnsupportedMediaError("the archive holds no files (dot-files are ignored)")
+        ext = extension.lower()
+        if kind == "dicom" and not any(
+            (not ext or m.name.lower().endswith(ext)) and _member_is_dicom(body, m, limits)
+            for m in members
+        ):
+            raise UnsupportedMediaError(
+                "the archive holds no DICOM files" + (f" ending in {ext}" if ext else "")
+            )
+        if kind == "nifti" and not any(m.name.lower().endswith(_NIFTI_SUFFIXES) for m in members):
+            raise UnsupportedMediaError("the archive holds no .nii or .nii.gz files")
+        return "zip", len(members)
+    found = sniff(head, filename)
+    if kind == "dicom":
+        if found == MemberKind.RAW_DICOM:
+            to_part10(body)
+        elif found != MemberKind.DICOM:
+            raise InvalidDicomError("the upload is not a DICOM file (no DICM header, no dataset)")
+    if kind == "nifti" and found != MemberKind.NIFTI:
+        raise UnsupportedMediaError("the upload is not a .nii or .nii.gz file")
+    return "file", 1
+
+
+def _member_is_dicom(body: Path, member: ArchiveMember, limits: ArchiveLimits) -> bool:
+    try:
+        head = member_head(body, member, limits)
+    except RejectedInputError:
+        return False  # reported per file during the import
+    return sniff(head, member.name) in (MemberKind.DICOM, MemberKind.RAW_DICOM)
