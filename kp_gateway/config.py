@@ -82,19 +82,34 @@ class HttpConfig:
 class StorageConfig:
     """``[storage]``: object storage and the data directory."""
 
-    backend: str = _ck("fs", "Object storage backend.", choices=("fs",))
+    backend: str = _ck("fs", "Object storage backend.", choices=("fs", "s3"))
     path: str = _ck("./kp-data", "Data directory: objects, SQLite index, spool, token.")
     fsync: bool = _ck(True, "fsync files and directories before acknowledging (never turn off).")
+    s3_endpoint_url: str = _ck("", "S3 endpoint, e.g. https://minio.lab:9000 (empty = AWS).")
+    s3_region: str = _ck("us-east-1", "S3 region.")
+    s3_bucket: str = _ck("kp-gateway", "Bucket holding every object (keys as on the filesystem).")
+    s3_path_style: bool = _ck(True, "Path-style addressing (MinIO, Ceph RGW, SeaweedFS, Garage).")
+    s3_verify_tls: bool = _ck(True, "Verify the endpoint's TLS certificate.")
+    s3_create_bucket: bool = _ck(False, "Create the bucket at start when it is missing.")
+    s3_multipart_threshold_bytes: int = _ck(
+        64 * MiB, "Objects at least this large are uploaded in parts.", min=5 * MiB
+    )
+    s3_timeout_s: float = _ck(30.0, "Connect/read timeout per S3 request.", min=0.1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IndexConfig:
     """``[index]``: the metadata index."""
 
-    backend: str = _ck("sqlite", "Index backend.", choices=("sqlite",))
+    backend: str = _ck("sqlite", "Index backend.", choices=("sqlite", "opensearch"))
     sqlite_path: str = _ck("", "SQLite file (empty = <storage.path>/index.sqlite3).")
     batch_max_items: int = _ck(512, "Most index writes committed in one transaction.", min=1)
     site_timezone: str = _ck("UTC", "Time zone of DICOM dates/times that carry no offset.")
+    opensearch_url: str = _ck("https://localhost:9200", "OpenSearch endpoint.")
+    opensearch_verify_tls: bool = _ck(True, "Verify the OpenSearch TLS certificate.")
+    opensearch_timeout_s: float = _ck(30.0, "Timeout per OpenSearch request.", min=0.1)
+    opensearch_user: str = field(default="", metadata={"doc": "", "secret": True})
+    opensearch_password: str = field(default="", repr=False, metadata={"doc": "", "secret": True})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
