@@ -1,4 +1,4 @@
-"""Command line: ``kp-gateway serve [--config config.toml] [--data-dir DIR] ...``."""
+"""Command line: ``kp-gateway serve|reindex|check-config [--config config.toml] ...``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,31 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="shortcut for logging.level")
     sub.add_parser("check-config", help="validate the configuration and print it").add_argument(
         "-c", "--config"
+    )
+    reindex = sub.add_parser(
+        "reindex",
+        help="rebuild the configured index from the configured object store",
+        description="Rebuild the configured index from the stored objects and routing records. "
+        "Resumes after the last committed object of an interrupted run. The gateway must not "
+        "run on the same data directory or index meanwhile (the data directory is locked).",
+    )
+    reindex.add_argument("-c", "--config", help="a config.toml (every key is optional)")
+    reindex.add_argument("--data-dir", help="shortcut for storage.path")
+    reindex.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
+    reindex.add_argument("--log-level", help="shortcut for logging.level")
+    reindex.add_argument(
+        "--restart", action="store_true", help="ignore the checkpoint of an interrupted run"
+    )
+    reindex.add_argument(
+        "--skip-series-stages",
+        action="store_true",
+        help="do not render thumbnails and validate (the gateway's start-up rescan does it)",
     )
     return parser
 
@@ -77,9 +102,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(masked(cfg))
         return 0
+    if args.command == "reindex":
+        from kp_gateway import reindex
+
+        try:
+            return reindex.main(
+                cfg, restart=args.restart, series_stages=not args.skip_series_stages
+            )
+        except ConfigError as exc:
+            print(f"kp-gateway: {exc}", file=sys.stderr)
+            return 2
     from kp_gateway.app import serve
 
-    return asyncio.run(serve(cfg))
+    try:
+        return asyncio.run(serve(cfg))
+    except ConfigError as exc:
+        # Only the data directory lock is checked after load(): another process holds it.
+        print(f"kp-gateway: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from aiohttp import web
 
 from kp_gateway import config as config_mod
+from kp_gateway.archive import ArchiveLimits
 from kp_gateway.backends import make_index, make_storage
 from kp_gateway.config import Config
+from kp_gateway.errors import ConfigError
 from kp_gateway.http import Health, load_or_create_token, make_app
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
@@ -28,6 +33,7 @@ from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from kp_gateway.pipeline.series_stages import make_process_pool as make_series_pool
 from kp_gateway.pipeline.spool import Spool
 from kp_gateway.scp import Scp
+from kp_gateway.upload import UploadLimits, UploadService
 from kp_gateway.worker import forget_documented_series, make_process_pool
 
 logger = logging.getLogger(__name__)
@@ -50,9 +56,50 @@ def _pool_size(cfg: Config) -> int:
     return cfg.pipeline.process_pool_size or os.cpu_count() or 2
 
 
+LOCK_FILE = ".lock"
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Take the exclusive lock of a data directory; close the returned file to release it.
+
+    Blocking; call via asyncio.to_thread. ``serve`` and ``reindex`` both hold it for their
+    whole run, so neither can start on a data directory the other is using (``flock``: the
+    kernel drops it when the process dies, so a crash never leaves a stale lock).
+
+    Raises
+    ------
+    ConfigError
+        Another process holds the lock.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / LOCK_FILE, "ab")  # noqa: SIM115 - held until the caller closes it
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"Config 'storage.path' has value {str(data_dir)!r}: the data directory is in use "
+            "by another kp-gateway process (serve or reindex); stop it first."
+        ) from None
+    return handle
+
+
 @contextlib.asynccontextmanager
 async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
-    """Start every component, yield, then stop them in order. Runs on the loop."""
+    """Lock the data directory, start every component, yield, then stop them in order.
+
+    Runs on the loop. Raises ConfigError when the data directory is locked by another process.
+    """
+    lock = await asyncio.to_thread(lock_data_dir, cfg.data_dir)
+    try:
+        async with _running(cfg) as gateway:
+            yield gateway
+    finally:
+        lock.close()
+
+
+@contextlib.asynccontextmanager
+async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
     metrics = Metrics()
     health = Health()
     storage = make_storage(cfg)
@@ -67,6 +114,8 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
     ingest = IngestService(
         cfg, storage=storage, index=index, process_pool=pool, metrics=metrics, spool=spool
     )
+    # Built before ingest starts: its hook counts recovered instances to their uploads.
+    uploads = UploadService(cfg, ingest, limits=_upload_limits(cfg), nifti_importer=None)
     scp = Scp(cfg.dicom, ingest, metrics)
     series_stages = _series_stages(cfg, series_pool)
     if series_stages is not None:
@@ -79,7 +128,7 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
             await series_stages.start()
         await ingest.start()
         await asyncio.to_thread(scp.start)
-        app = make_app(cfg, ingest, token, health, series_stages=series_stages)
+        app = make_app(cfg, ingest, token, health, uploads=uploads, series_stages=series_stages)
         runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access"))
         await runner.setup()
         site = web.TCPSite(runner, cfg.http.host, cfg.http.port)
@@ -113,6 +162,22 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
         pool.shutdown(wait=True, cancel_futures=True)
         if series_pool is not None:
             series_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _upload_limits(cfg: Config) -> UploadLimits:
+    u = cfg.upload
+    return UploadLimits(
+        max_upload_bytes=u.max_upload_bytes,
+        max_concurrent_imports=u.max_concurrent_imports,
+        admission_wait_s=u.admission_wait_s,
+        tus_expiry_s=u.tus_expiry_s,
+        archive=ArchiveLimits(
+            max_members=u.max_members,
+            max_total_uncompressed_bytes=u.max_total_uncompressed_bytes,
+            max_member_bytes=u.max_member_bytes,
+            max_compression_ratio=u.max_compression_ratio,
+        ),
+    )
 
 
 def _series_stages(cfg: Config, executor: ProcessPoolExecutor | None) -> SeriesPostProcessor | None:

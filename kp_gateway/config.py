@@ -53,6 +53,13 @@ class DicomConfig:
         "chunked: pynetdicom spools each dataset to a file (flat memory); memory: in RAM.",
         choices=("chunked", "memory"),
     )
+    poll_interval_s: float = _ck(
+        0.0002,
+        "pynetdicom's idle polling step (its default is 0.001 s, which caps one association at "
+        "a few hundred small instances/s); lower is faster but costs CPU per open association.",
+        min=0.00001,
+        max=0.01,
+    )
     acse_timeout_s: float = _ck(30.0, "Wait for association messages.", min=1.0)
     dimse_timeout_s: float = _ck(120.0, "Wait for DIMSE messages.", min=1.0)
     network_timeout_s: float = _ck(120.0, "Idle connection timeout.", min=1.0)
@@ -117,7 +124,13 @@ class PipelineConfig:
     """``[pipeline]``: the staged, bounded ingest pipeline."""
 
     queue_size: int = _ck(256, "Items each stage queue holds before senders wait.", min=1)
-    store_workers: int = _ck(4, "Concurrent store-stage workers.", min=1)
+    store_workers: int = _ck(2, "Concurrent store-stage workers.", min=1)
+    store_batch_max: int = _ck(
+        32, "Most instances one store worker parses and stores per round trip.", min=1
+    )
+    batch_linger_s: float = _ck(
+        0.02, "How long a stage waits for more items to share one round trip.", min=0.0
+    )
     index_workers: int = _ck(1, "Concurrent index-stage workers (each commits batches).", min=1)
     process_pool_size: int = _ck(
         2, "Worker processes for CPU work (metadata, thumbnails), 0 = CPU count.", min=0
@@ -157,6 +170,26 @@ class SeriesConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class UploadConfig:
+    """``[upload]``: HTTP uploads (all limits are enforced while streaming)."""
+
+    max_upload_bytes: int = _ck(64 * GiB, "Largest upload accepted (413 beyond).", min=1)
+    max_concurrent_imports: int = _ck(2, "Uploads imported at once; others wait.", min=1)
+    admission_wait_s: float = _ck(
+        20.0, "How long an import waits for pipeline space before retrying.", min=0.0
+    )
+    tus_expiry_s: float = _ck(
+        7 * 24 * 3600.0, "Unfinished resumable uploads are removed after this.", min=60.0
+    )
+    max_members: int = _ck(100_000, "Most members in one zip.", min=1)
+    max_total_uncompressed_bytes: int = _ck(64 * GiB, "Most bytes one zip may expand to.", min=1)
+    max_member_bytes: int = _ck(8 * GiB, "Largest single zip member.", min=1)
+    max_compression_ratio: float = _ck(
+        200.0, "Largest uncompressed/compressed ratio (zip bombs).", min=1.0
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingConfig:
     """``[logging]``."""
 
@@ -175,6 +208,7 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

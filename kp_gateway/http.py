@@ -30,6 +30,7 @@ from kp_gateway.errors import (
 from kp_gateway.gallery import setup_gallery
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
+from kp_gateway.upload import UploadService, setup_uploads
 
 logger = logging.getLogger(__name__)
 
@@ -392,6 +393,7 @@ def make_app(
     token: str,
     health: Health,
     *,
+    uploads: UploadService | None = None,
     series_stages: SeriesPostProcessor | None = None,
 ) -> web.Application:
     """Build the application; the caller runs it with AppRunner/TCPSite on its own loop."""
@@ -419,6 +421,9 @@ def make_app(
     app.router.add_get("/api/instances/{sop_uid}", get_instance)
     app.router.add_get("/api/quarantine", get_quarantine)
     setup_gallery(app)
+    if uploads is not None:
+        # Routes for uploads, files, the upload page and /static/, plus the service lifecycle.
+        setup_uploads(app, uploads)
     return app
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import pynetdicom.association as pynetdicom_association
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -107,14 +108,36 @@ class CappedAssociationSocket(AssociationSocket):
         return buffer
 
 
+class _CappedSleep:
+    """Stands in for the ``time`` module inside pynetdicom.association.
+
+    pynetdicom's association reactor polls its queues with a hard-coded ``time.sleep(0.001)``;
+    at one sleep per DIMSE step that caps a single association at a few hundred small
+    C-STOREs per second. Capping each sleep at ``dicom.poll_interval_s`` removes that ceiling.
+    Everything else is the real ``time`` module.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.interval_s))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
 class _RequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
+        server = cast(_Server, self.server)
+        # The DUL thread's idle step; pynetdicom documents the attribute in its run loop.
+        assoc.dul._run_loop_delay = server.poll_interval_s
         sock = cast(Any, assoc.dul.socket)
         # Re-class the wrapper pynetdicom just made: a second wrapper would announce the
         # connection to the state machine twice.
         sock.__class__ = CappedAssociationSocket
-        sock.max_pdu_length = cast(_Server, self.server).max_pdu_length
+        sock.max_pdu_length = server.max_pdu_length
         return assoc
 
 
@@ -123,6 +146,7 @@ class _Server(ThreadedAssociationServer):
 
     max_pdu_length = 64 << 20
     max_connections = 64
+    poll_interval_s = 0.001
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if len(self.ae.active_associations) >= self.max_connections:
@@ -209,6 +233,8 @@ class Scp:
         self.ae._servers.append(server)
         server.max_pdu_length = self._cfg.max_pdu_length_bytes
         server.max_connections = self._cfg.max_associations * 2
+        server.poll_interval_s = self._cfg.poll_interval_s
+        pynetdicom_association.time = _CappedSleep(self._cfg.poll_interval_s)  # type: ignore[assignment,attr-defined]
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="dicom-acceptor", daemon=True

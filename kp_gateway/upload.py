@@ -471,12 +471,15 @@ class UploadService:
         cap = self.limits.max_upload_bytes
         if request.content_length is not None and request.content_length > cap:
             raise PayloadTooLargeError(f"the upload exceeds the limit of {cap} bytes")
-        upload = self._new_upload(params, "post", request.content_length)
+        multipart = request.content_type.startswith("multipart/")
+        # A multipart Content-Length counts boundaries and headers too: no exact size then.
+        expected = None if multipart else request.content_length
+        upload = self._new_upload(params, "post", expected)
         writer = self._writer(upload, cap=cap)
         try:
             await self._save(upload)
             await writer.open()
-            if request.content_type.startswith("multipart/"):
+            if multipart:
                 part = await _file_part(request)
                 if part.filename and "filename" not in request.query:
                     upload.filename = _safe_filename(part.filename)

@@ -14,6 +14,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 from kp_gateway.dicomutil import read_instance
+from kp_gateway.errors import GatewayError
 from kp_gateway.model import InstanceRecord
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,23 @@ def inspect_instance(
         site_timezone=site_timezone,
         arrived_at=arrived_at,
     )
+
+
+def inspect_instances(
+    jobs: list[tuple[str, str, str, str, float]],
+) -> list[InstanceRecord | GatewayError]:
+    """:func:`inspect_instance` for a batch: one inter-process round trip for many files.
+
+    Runs in a worker process. A file that fails gives its error in its place; the others
+    are unaffected.
+    """
+    results: list[InstanceRecord | GatewayError] = []
+    for job in jobs:
+        try:
+            results.append(inspect_instance(*job))
+        except GatewayError as exc:
+            results.append(exc)
+    return results
 
 
 def forget_documented_series() -> int:

@@ -31,6 +31,9 @@ class StorageBackend(Protocol):
         Returns the size in bytes. The object is durable when this returns.
         """
 
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[int]:
+        """:meth:`put_file` for many objects at once (one durability barrier where possible)."""
+
     async def put_bytes(self, key: str, data: bytes) -> None:
         """Store `data` under `key`, atomically and durably."""
 
@@ -40,8 +43,24 @@ class StorageBackend(Protocol):
     def read_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
         """Stream the object; raises KeyError when it does not exist."""
 
+    async def fetch_to_file(self, key: str, dest: Path) -> None:
+        """Copy the object into the local file `dest` (created or replaced), streaming.
+
+        Raises KeyError when it does not exist; a partial `dest` is removed on failure.
+        """
+
+    def iter_keys(self, prefix: str = "", start_after: str = "") -> AsyncIterator[str]:
+        """Every key starting with `prefix` and sorting after `start_after`, in sorted order.
+
+        Sorted as Python sorts str (= S3's UTF-8 byte order), so a listing can be resumed
+        from the last key it handled.
+        """
+
     def local_path(self, key: str) -> Path | None:
-        """A local file holding the object, when the backend has one (lets HTTP use sendfile)."""
+        """A local file holding the object, when the backend has one (lets HTTP use sendfile).
+
+        None for object stores: read with ``read_chunks`` or ``fetch_to_file`` instead.
+        """
 
     async def delete(self, key: str) -> None:
         """Remove the object if it exists."""

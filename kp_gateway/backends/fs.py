@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
@@ -75,7 +75,7 @@ class FsStorage:
             for directory in created:
                 fsync_dir(directory.parent)
 
-    def _put_file_sync(self, key: str, src: Path) -> int:
+    def _put_file_sync(self, key: str, src: Path, *, sync_dir: bool = True) -> int:
         dst = self._path(key)
         try:
             self._make_parent(dst)
@@ -91,7 +91,7 @@ class FsStorage:
                     with open(tmp, "rb+") as fh:
                         os.fsync(fh.fileno())
             os.replace(tmp, dst)
-            if self._fsync:
+            if self._fsync and sync_dir:
                 fsync_dir(dst.parent)
             return dst.stat().st_size
         except OSError as exc:
@@ -99,6 +99,20 @@ class FsStorage:
 
     async def put_file(self, key: str, src: Path) -> int:
         return await asyncio.to_thread(self._put_file_sync, key, src)
+
+    def _put_files_sync(self, items: Sequence[tuple[str, Path]]) -> list[int]:
+        sizes = [self._put_file_sync(key, src, sync_dir=False) for key, src in items]
+        if self._fsync:
+            # One fsync per directory for the whole batch: a series' instances share one.
+            for directory in {self._path(key).parent for key, _ in items}:
+                try:
+                    fsync_dir(directory)
+                except OSError as exc:
+                    raise _map_os_error(exc, f"syncing {directory}") from exc
+        return sizes
+
+    async def put_files(self, items: Sequence[tuple[str, Path]]) -> list[int]:
+        return await asyncio.to_thread(self._put_files_sync, items)
 
     def _put_bytes_sync(self, key: str, data: bytes) -> None:
         dst = self._path(key)
@@ -139,6 +153,61 @@ class FsStorage:
                 yield chunk
         finally:
             fh.close()
+
+    def _fetch_sync(self, key: str, dest: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), dest)
+        except FileNotFoundError:
+            dest.unlink(missing_ok=True)
+            raise KeyError(key) from None
+        except OSError as exc:
+            dest.unlink(missing_ok=True)
+            raise _map_os_error(exc, f"reading {key}") from exc
+
+    async def fetch_to_file(self, key: str, dest: Path) -> None:
+        await asyncio.to_thread(self._fetch_sync, key, dest)
+
+    def _list_dir_sync(self, folder: Path) -> list[tuple[str, bool]]:
+        """Entries of `folder` as (name, is_dir), in the order of their full keys."""
+        try:
+            with os.scandir(folder) as entries:
+                found = [
+                    (e.name, e.is_dir(follow_symlinks=False))
+                    for e in entries
+                    # Leftover temp files of an interrupted atomic write are not objects.
+                    if not (e.name.startswith(".") and e.name.endswith(".tmp"))
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise _map_os_error(exc, f"listing {folder}") from exc
+        # Sorting "name/" for folders orders every key below it correctly against its
+        # siblings (e.g. "1.2.3/..." before "1.2/..."), so the walk yields keys in str order.
+        found.sort(key=lambda entry: entry[0] + "/" if entry[1] else entry[0])
+        return found
+
+    async def iter_keys(self, prefix: str = "", start_after: str = "") -> AsyncIterator[str]:
+        base = prefix.rpartition("/")[0]
+        top = f"{base}/" if base else ""
+        self._path(top or ".")  # rejects unsafe prefixes
+        async for key in self._walk(top, prefix, start_after):
+            yield key
+
+    async def _walk(self, folder_key: str, prefix: str, start_after: str) -> AsyncIterator[str]:
+        entries = await asyncio.to_thread(self._list_dir_sync, self._root / folder_key)
+        for name, is_dir in entries:
+            key = folder_key + name
+            if is_dir:
+                sub = key + "/"
+                # Skip folders whose keys cannot match the prefix or all sort before start_after.
+                if not (sub.startswith(prefix) or prefix.startswith(sub)):
+                    continue
+                if start_after and sub < start_after and not start_after.startswith(sub):
+                    continue
+                async for found in self._walk(sub, prefix, start_after):
+                    yield found
+            elif key.startswith(prefix) and key > start_after:
+                yield key
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

@@ -3,9 +3,14 @@
 It knows nothing of DICOM. A stage handler takes a batch of items and either returns (all OK)
 or raises; a failed batch is split and each item retried alone, so one bad item never holds
 back the others. A full queue makes the previous stage's workers wait, and in the end
-``submit`` itself, which is how backpressure reaches the sender.
+admission itself, which is how backpressure reaches the sender.
 
-Runs on the event loop; every method must be called from the loop thread.
+Admission is a counting semaphore sized to the first stage's ``queue_size``: a slot is taken
+when an item is admitted and given back when the item leaves the first stage. Because it is a
+thread-safe semaphore, an association thread can be admitted without a round trip through the
+event loop (``submit_threadsafe``), which matters at hundreds of C-STOREs per second.
+
+Runs on the event loop; every method but ``submit_threadsafe`` must be called from the loop.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +63,9 @@ class Stage(Generic[T]):
         Items waiting for this stage before the previous one has to wait.
     batch_max : int
         Most items handed to one handler call (the index stage commits a batch at once).
+    linger_s : float
+        How long a worker holding fewer than `batch_max` items waits for more: per-call costs
+        (a process-pool round trip, an fsync, a commit) are then paid once per batch.
     """
 
     name: str
@@ -64,6 +73,7 @@ class Stage(Generic[T]):
     workers: int = 1
     queue_size: int = 64
     batch_max: int = 1
+    linger_s: float = 0.0
     queue: asyncio.Queue[_Envelope[T]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +147,11 @@ class Pipeline(Generic[T]):
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
         self.in_flight = 0
+        first = self.stages[0]
+        # The semaphore bounds the first stage; its asyncio queue need not.
+        self._slots = threading.Semaphore(first.queue_size)
+        self._slot_freed = asyncio.Event()
+        first.queue = asyncio.Queue()
 
     @property
     def accepting(self) -> bool:
@@ -154,30 +169,73 @@ class Pipeline(Generic[T]):
         self._accepting = True
 
     async def submit(self, item: T, *, timeout_s: float) -> None:
-        """Admit `item` into the first stage, waiting up to `timeout_s` for space.
+        """Admit `item`, waiting up to `timeout_s` for a slot. Runs on the loop.
 
         Raises
         ------
         PipelineFull
-            The first queue stayed full for `timeout_s` (the sender gets 0xA700 / 503).
+            The first stage stayed full for `timeout_s` (the sender gets 0xA700 / 503).
         ShuttingDownError
             The pipeline is draining.
         """
         if not self._accepting:
             raise ShuttingDownError("the gateway is shutting down")
-        first = self.stages[0].queue
-        envelope = _Envelope(item)
+        deadline = time.monotonic() + timeout_s
+        while not self._slots.acquire(blocking=False):
+            self._slot_freed.clear()
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):
+                    await self._slot_freed.wait()
+            except TimeoutError:
+                raise PipelineFull(
+                    f"pipeline stayed full for {timeout_s:g} s ({self.in_flight} items in flight)"
+                ) from None
+        self._enqueue(item)
+
+    def submit_threadsafe(
+        self,
+        item: T,
+        *,
+        timeout_s: float,
+        loop: asyncio.AbstractEventLoop,
+        then: Callable[[T], None] | None = None,
+    ) -> None:
+        """Admit `item` from another thread, blocking that thread up to `timeout_s` for a slot.
+
+        Runs on any thread but the loop's. Once this returns, the item is counted and will be
+        enqueued by the loop (then `then(item)` runs there); it never waits for the loop.
+
+        Raises
+        ------
+        PipelineFull, ShuttingDownError
+            As :meth:`submit`.
+        """
+        if not self._accepting:
+            raise ShuttingDownError("the gateway is shutting down")
+        if not self._slots.acquire(timeout=timeout_s):
+            raise PipelineFull(f"pipeline stayed full for {timeout_s:g} s")
+
+        def enqueue() -> None:
+            self._enqueue(item)
+            if then is not None:
+                then(item)
+
         try:
-            if timeout_s <= 0:
-                first.put_nowait(envelope)
-            else:
-                async with asyncio.timeout(timeout_s):
-                    await first.put(envelope)
-        except (TimeoutError, asyncio.QueueFull):
-            raise PipelineFull(
-                f"pipeline stayed full for {timeout_s:g} s ({first.qsize()} items queued)"
-            ) from None
+            loop.call_soon_threadsafe(enqueue)
+        except RuntimeError:  # the loop is closed
+            self._slots.release()
+            raise ShuttingDownError("the gateway is shutting down") from None
+
+    def _enqueue(self, item: T) -> None:
         self.in_flight += 1
+        self.stages[0].queue.put_nowait(_Envelope(item))
+
+    def _release_slot(self) -> None:
+        self._slots.release()
+        self._slot_freed.set()
 
     def queue_depths(self) -> dict[str, int]:
         """Items waiting per stage."""
@@ -187,13 +245,23 @@ class Pipeline(Generic[T]):
         next_queue = self.stages[index + 1].queue if index + 1 < len(self.stages) else None
         while True:
             batch = [await stage.queue.get()]
+            deadline = time.monotonic() + stage.linger_s
             while len(batch) < stage.batch_max:
                 try:
                     batch.append(stage.queue.get_nowait())
+                    continue
                 except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        batch.append(await stage.queue.get())
+                except TimeoutError:
                     break
             try:
-                await self._run_batch(stage, batch, next_queue)
+                await self._run_batch(stage, batch, next_queue, first=index == 0)
             finally:
                 for _ in batch:
                     stage.queue.task_done()
@@ -203,6 +271,8 @@ class Pipeline(Generic[T]):
         stage: Stage[T],
         batch: list[_Envelope[T]],
         next_queue: asyncio.Queue[_Envelope[T]] | None,
+        *,
+        first: bool,
     ) -> None:
         started = time.monotonic()
         try:
@@ -213,9 +283,10 @@ class Pipeline(Generic[T]):
             if len(batch) > 1:
                 # Split the batch: each item gets its own attempt and its own fate.
                 for env in batch:
-                    await self._run_batch(stage, [env], next_queue)
+                    await self._run_batch(stage, [env], next_queue, first=first)
                 return
-            await self._handle_failure(stage, batch[0], exc)
+            if await self._handle_failure(stage, batch[0], exc) and first:
+                self._release_slot()
             return
         self._observer.on_stage_done(
             stage.name, [env.item for env in batch], time.monotonic() - started
@@ -227,6 +298,9 @@ class Pipeline(Generic[T]):
             else:
                 self.in_flight -= 1
                 await self._finish(env.item)
+            if first:
+                # Only now: while the next stage is full the slot stays taken (backpressure).
+                self._release_slot()
 
     async def _finish(self, item: T) -> None:
         try:
@@ -234,7 +308,8 @@ class Pipeline(Generic[T]):
         except Exception:
             logger.exception("on_finished hook failed")
 
-    async def _handle_failure(self, stage: Stage[T], env: _Envelope[T], exc: Exception) -> None:
+    async def _handle_failure(self, stage: Stage[T], env: _Envelope[T], exc: Exception) -> bool:
+        """Schedule a retry or quarantine the item; True when the item left the stage."""
         env.attempts += 1
         outcome = classify(exc)
         if outcome is StageOutcome.RETRY and env.attempts < self._retry.max_attempts:
@@ -251,7 +326,7 @@ class Pipeline(Generic[T]):
             task = asyncio.create_task(self._requeue(stage, env, delay))
             self._retry_tasks.add(task)
             task.add_done_callback(self._retry_tasks.discard)
-            return
+            return False
         if isinstance(exc, RejectedInputError | BackendRejectedError):
             logger.warning("stage %s rejected an item for good: %s", stage.name, exc)
         else:
@@ -263,6 +338,7 @@ class Pipeline(Generic[T]):
             await self._on_quarantine(stage.name, env.item, exc)
         except Exception:
             logger.exception("quarantine of a failed item failed; it stays in the spool")
+        return True
 
     async def _requeue(self, stage: Stage[T], env: _Envelope[T], delay: float) -> None:
         await asyncio.sleep(delay)

@@ -7,6 +7,9 @@ Runs on the event loop, except the functions documented as running on associatio
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,15 +18,50 @@ from pathlib import Path
 
 from kp_gateway.backends.base import IndexBackend, IndexedInstance, StorageBackend
 from kp_gateway.config import Config
-from kp_gateway.errors import BackendUnavailableError, InvalidDicomError, PipelineFull
+from kp_gateway.errors import (
+    BackendUnavailableError,
+    GatewayError,
+    InvalidDicomError,
+    PipelineFull,
+)
 from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.core import Pipeline, RetryPolicy, Stage, StageObserver
 from kp_gateway.pipeline.series import SeriesTracker
 from kp_gateway.pipeline.spool import Spool
-from kp_gateway.worker import inspect_instance
+from kp_gateway.worker import inspect_instances
 
 logger = logging.getLogger(__name__)
+
+# Combinations remembered as routed; as many as the workers' document caches hold.
+ROUTED_MEMORY = 20_000
+ROUTING_PREFIX = "routing/"
+
+
+def routing_record_key(series_instance_uid: str, project: str, dataset: str) -> str:
+    """``routing/<SeriesInstanceUID>/<sha1 of project NUL dataset>.json``. Pure."""
+    digest = hashlib.sha1(f"{project}\x00{dataset}".encode(), usedforsecurity=False).hexdigest()
+    return f"{ROUTING_PREFIX}{series_instance_uid}/{digest}.json"
+
+
+def routing_record(item: IngestItem) -> bytes:
+    """The JSON routing record of `item`'s series and routing. Pure.
+
+    Stored DICOM objects are never modified, so this is the only place where the project
+    and dataset of a series survive the loss of the index (``kp-gateway reindex``).
+    """
+    assert item.record is not None
+    record = {
+        "project": item.routing.project,
+        "dataset": item.routing.dataset,
+        "calling_ae_title": item.routing.calling_ae_title,
+        "called_ae_title": item.routing.called_ae_title,
+        "series_instance_uid": item.record.series_instance_uid,
+        "document_sop_instance_uid": item.record.sop_instance_uid,
+        "received_at": item.received_at,
+    }
+    return json.dumps(record, sort_keys=True).encode()
+
 
 SeriesHook = Callable[[str, dict[str, object]], Awaitable[None]]
 # Called with the item and None when it finished, or the exception that quarantined it.
@@ -66,13 +104,21 @@ class IngestService:
         p = cfg.pipeline
         self.pipeline: Pipeline[IngestItem] = Pipeline(
             [
-                Stage("store", self._store, workers=p.store_workers, queue_size=p.queue_size),
+                Stage(
+                    "store",
+                    self._store,
+                    workers=p.store_workers,
+                    queue_size=p.queue_size,
+                    batch_max=p.store_batch_max,
+                    linger_s=p.batch_linger_s,
+                ),
                 Stage(
                     "index",
                     self._index,
                     workers=p.index_workers,
                     queue_size=p.queue_size,
                     batch_max=cfg.index.batch_max_items,
+                    linger_s=p.batch_linger_s,
                 ),
             ],
             retry=RetryPolicy(p.max_attempts, p.retry_backoff_s, p.retry_backoff_max_s),
@@ -82,6 +128,10 @@ class IngestService:
         )
         self.tracker = SeriesTracker(idle_s=p.series_idle_s, on_complete=self._complete_series)
         self.loop: asyncio.AbstractEventLoop | None = None
+        # (series, project, dataset) whose routing record this process has stored (LRU).
+        self._routed: collections.OrderedDict[tuple[str, str, str], None] = (
+            collections.OrderedDict()
+        )
         metrics.bind_queue_depths(self.pipeline.queue_depths)
         metrics.in_flight.set_function(lambda: float(self.pipeline.in_flight))
 
@@ -145,19 +195,33 @@ class IngestService:
     # -- stages ---------------------------------------------------------------------------
 
     async def _store(self, batch: list[IngestItem]) -> None:
-        loop = asyncio.get_running_loop()
-        for item in batch:
-            if item.record is None:
-                item.record = await loop.run_in_executor(
-                    self._pool,
-                    inspect_instance,
+        pending = [item for item in batch if item.record is None]
+        if pending:
+            jobs = [
+                (
                     str(item.spool_path),
                     item.routing.project,
                     item.routing.dataset,
                     self._cfg.index.site_timezone,
                     item.received_at,
                 )
-            await self.storage.put_file(item.record.storage_key, item.spool_path)
+                for item in pending
+            ]
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._pool, inspect_instances, jobs)
+            failure: GatewayError | None = None
+            for item, result in zip(pending, results, strict=True):
+                if isinstance(result, GatewayError):
+                    failure = failure or result
+                else:
+                    item.record = result
+            if failure is not None:
+                # The pipeline splits the batch: parsed items go on, the bad one is retried
+                # alone and quarantined.
+                raise failure
+        await self.storage.put_files(
+            [(item.record.storage_key, item.spool_path) for item in batch if item.record]
+        )
 
     async def _index(self, batch: list[IngestItem]) -> None:
         records = []
@@ -165,9 +229,40 @@ class IngestService:
             if item.record is None:  # pragma: no cover - the store stage always sets it
                 raise InvalidDicomError("item reached the index stage without a header record")
             records.append(IndexedInstance(item.record, item.routing, item.received_at))
+        # Before the commit: the index must never know a mapping that reindex cannot rebuild.
+        await self._write_routing_records(batch)
         await self.index.write_instances(records)
         # Committed: the spool copies are no longer needed.
         await asyncio.to_thread(self._discard_spool_files, [i.spool_path for i in batch])
+
+    async def _write_routing_records(self, batch: list[IngestItem]) -> None:
+        """Store a routing record per (series, project, dataset) new to this process.
+
+        Also rewritten when an item carries a freshly built series document, so the record
+        names the instance whose header the index's document was built from last (reindex
+        rebuilds the document from that same instance).
+        """
+        due: dict[tuple[str, str, str], IngestItem] = {}
+        for item in batch:
+            assert item.record is not None
+            combo = (item.record.series_instance_uid, item.routing.project, item.routing.dataset)
+            if item.record.document is not None:
+                due[combo] = item  # the last document wins, as in the index's merge
+            elif combo not in self._routed and combo not in due:
+                due[combo] = item
+        if not due:
+            return
+        await asyncio.gather(
+            *(
+                self.storage.put_bytes(routing_record_key(*combo), routing_record(item))
+                for combo, item in due.items()
+            )
+        )
+        for combo in due:
+            self._routed[combo] = None
+            self._routed.move_to_end(combo)
+            if len(self._routed) > ROUTED_MEMORY:
+                self._routed.popitem(last=False)
 
     def _discard_spool_files(self, paths: list[Path]) -> None:
         for path in paths:
@@ -210,18 +305,17 @@ class IngestService:
     # -- bridge for association threads ---------------------------------------------------
 
     def submit_from_thread(self, item: IngestItem, timeout_s: float) -> None:
-        """Admit an item from an association thread, blocking until admitted.
+        """Admit an item from an association thread, blocking only while the pipeline is full.
 
         Runs on an association thread. Raises PipelineFull or ShuttingDownError.
         """
         assert self.loop is not None
-        future = asyncio.run_coroutine_threadsafe(self.submit(item, timeout_s=timeout_s), self.loop)
-        try:
-            # The coroutine enforces timeout_s itself; the margin covers a busy loop.
-            future.result(timeout=timeout_s + 5.0)
-        except TimeoutError:
-            future.cancel()
-            raise PipelineFull("the event loop did not admit the instance in time") from None
+        self.pipeline.submit_threadsafe(
+            item, timeout_s=timeout_s, loop=self.loop, then=self._admitted
+        )
+
+    def _admitted(self, item: IngestItem) -> None:
+        self.tracker.source_item_admitted(item.routing.source_id)
 
     def call_from_thread(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the loop soon. Runs on any thread."""
@@ -233,4 +327,4 @@ class IngestService:
         return time.time()
 
 
-__all__ = ["IngestService", "Routing"]
+__all__ = ["IngestService", "Routing", "routing_record", "routing_record_key"]

@@ -99,7 +99,10 @@ class SeriesTracker:
         """Complete every due series; returns how many completed."""
         completed = 0
         for uid in self.due():
-            state = self._series.pop(uid)
+            # The background round and drain's final round may both hold this uid: first wins.
+            state = self._series.pop(uid, None)
+            if state is None:
+                continue
             try:
                 await self._on_complete(uid)
                 completed += 1

@@ -30,6 +30,7 @@ import datetime
 import functools
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -102,6 +103,8 @@ _GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "NumberOfFr
 _GAP_FACTOR = 1.5
 _ERROR_TEXT_MAX = 300
 _BACKGROUND_NICE = 10
+# Downloads at once while fetching a series from an object store (each streams to disk).
+_FETCH_CONCURRENCY = 4
 
 
 # --- worker-process and thread side ---------------------------------------------------------
@@ -328,6 +331,7 @@ class SeriesPostProcessor:
         self._site_timezone = site_timezone
         self._rescan_on_start = rescan_on_start
         self._storage: StorageBackend | None = None
+        self._scratch_dir: Path | None = None
         self._index: IndexBackend | None = None
         self._metrics: _StageMetrics | None = None
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
@@ -349,6 +353,8 @@ class SeriesPostProcessor:
         """Use `ingest`'s storage, index and metrics registry, and hook series completion."""
         self._storage = ingest.storage
         self._index = ingest.index
+        # Objects without a local file (S3) are fetched here, on the data filesystem.
+        self._scratch_dir = ingest.spool.tmp
         self._metrics = _StageMetrics(ingest.metrics.registry)
         self._metrics.queue_depth.set_function(lambda: float(len(self._pending)))
         ingest.series_complete_hooks.append(self.on_series_complete)
@@ -715,27 +721,46 @@ class SeriesPostProcessor:
     async def _local_files(
         self, instances: Sequence[Mapping[str, Any]]
     ) -> AsyncIterator[list[str]]:
-        """Local paths of the instances; objects without one are copied to a temp dir first."""
+        """Local paths of the instances; objects without one are fetched to a scratch folder.
+
+        The folder lives under ``<data dir>/spool/tmp`` (never the system temp, which may be
+        a small tmpfs), holds one series at a time per worker (``concurrency`` bounds them),
+        is filled by at most ``_FETCH_CONCURRENCY`` downloads at once, and is removed when
+        the block ends.
+        """
         storage = self._require_storage()
-        local = [storage.local_path(str(i["storage_key"])) for i in instances]
+        keys = [str(i["storage_key"]) for i in instances]
+        local = [storage.local_path(key) for key in keys]
         if all(path is not None for path in local):
             yield [str(path) for path in local]
             return
-        with tempfile.TemporaryDirectory(prefix="kp-series-") as tmp:
-            paths: list[str] = []
-            for n, (instance, path) in enumerate(zip(instances, local, strict=True)):
+        scratch = self._scratch_dir
+        if scratch is not None:
+            await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)
+        tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="series-", dir=scratch)
+        try:
+            limit = asyncio.Semaphore(_FETCH_CONCURRENCY)
+
+            async def fetch(n: int, key: str, path: Path | None) -> str:
                 if path is not None:
-                    paths.append(str(path))
-                    continue
+                    return str(path)
                 target = Path(tmp) / f"{n}.dcm"
-                fh = await asyncio.to_thread(target.open, "wb")
-                try:
-                    async for chunk in storage.read_chunks(str(instance["storage_key"])):
-                        await asyncio.to_thread(fh.write, chunk)
-                finally:
-                    fh.close()
-                paths.append(str(target))
-            yield paths
+                async with limit:
+                    await storage.fetch_to_file(key, target)
+                return str(target)
+
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(fetch(n, key, path))
+                        for n, (key, path) in enumerate(zip(keys, local, strict=True))
+                    ]
+            except ExceptionGroup as failed:
+                # The first failure (BackendError, KeyError) is what the stages classify.
+                raise failed.exceptions[0] from None
+            yield [task.result() for task in tasks]
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
 
     async def _pages(self, modality: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Every series summary of the admin project (every series is mapped there)."""

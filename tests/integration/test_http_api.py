@@ -138,7 +138,7 @@ async def test_health_ready_and_metrics_text(
         async with http.get("/health/ready") as r:
             body = await r.json()
             assert r.status == 200
-            assert set(body["components"]) == {"index", "storage", "pipeline"}
+            assert {"index", "storage", "pipeline", "series_stages"} <= set(body["components"])
         gw.health.draining = True
         async with http.get("/health/ready") as r:
             assert r.status == 503

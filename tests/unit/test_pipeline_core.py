@@ -41,7 +41,7 @@ def make_pipeline(stages: list[Stage[int]], rec: Recorder) -> Pipeline[int]:
 
 
 async def test_pipeline_full_when_stage_blocked_past_timeout() -> None:
-    """With a blocked stage and tiny queues, submit waits, then raises PipelineFull."""
+    """The first stage holds queue_size items (waiting or worked on); then submit times out."""
     release = asyncio.Event()
     entered = asyncio.Event()
 
@@ -50,10 +50,10 @@ async def test_pipeline_full_when_stage_blocked_past_timeout() -> None:
         await release.wait()
 
     rec = Recorder()
-    pipeline = make_pipeline([Stage("slow", blocked, workers=1, queue_size=1)], rec)
+    pipeline = make_pipeline([Stage("slow", blocked, workers=1, queue_size=2)], rec)
     await pipeline.submit(1, timeout_s=1)  # taken by the worker
     await entered.wait()
-    await pipeline.submit(2, timeout_s=1)  # fills the queue
+    await pipeline.submit(2, timeout_s=1)  # waits in the queue
     with pytest.raises(PipelineFull):
         await pipeline.submit(3, timeout_s=0.05)
     assert pipeline.in_flight == 2
@@ -82,8 +82,8 @@ async def test_backpressure_propagates_from_last_stage_to_submit() -> None:
         for item in range(100):
             await pipeline.submit(item, timeout_s=0.05)
             admitted += 1
-    # Bounded: worker b holds 1, queue b 1, worker a 1 waiting to put, queue a 1.
-    assert admitted <= 4
+    # Bounded: worker b holds 1, queue b 1, stage a 1 (its slot is held until b takes it).
+    assert admitted <= 3
     release.set()
     assert await pipeline.drain(5)
     assert sorted(rec.finished) == list(range(admitted))
@@ -185,3 +185,32 @@ async def test_drain_times_out_and_reports_unfinished() -> None:
     pipeline = make_pipeline([Stage("stuck", stuck)], Recorder())
     await pipeline.submit(1, timeout_s=1)
     assert await pipeline.drain(0.1) is False
+
+
+async def test_submit_threadsafe_admits_without_the_loop_and_bounds() -> None:
+    """Another thread is admitted while slots last, then gets PipelineFull; slots come back."""
+    release = asyncio.Event()
+
+    async def blocked(batch: list[int]) -> None:
+        await release.wait()
+
+    rec = Recorder()
+    pipeline = make_pipeline([Stage("slow", blocked, workers=1, queue_size=3)], rec)
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    def producer() -> list[str]:
+        outcomes = []
+        for item in range(5):
+            try:
+                pipeline.submit_threadsafe(item, timeout_s=0.05, loop=loop, then=seen.append)
+                outcomes.append("ok")
+            except PipelineFull:
+                outcomes.append("full")
+        return outcomes
+
+    assert await asyncio.to_thread(producer) == ["ok", "ok", "ok", "full", "full"]
+    release.set()
+    assert await pipeline.drain(5)
+    assert sorted(rec.finished) == [0, 1, 2]
+    assert seen == [0, 1, 2]
