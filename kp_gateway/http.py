@@ -30,6 +30,7 @@ from kp_gateway.errors import (
 from kp_gateway.gallery import setup_gallery
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
+from kp_gateway.responses import json_error, stream_object
 from kp_gateway.upload import UploadService, setup_uploads
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,6 @@ def load_or_create_token(cfg: Config) -> tuple[str, bool]:
     with fd:
         fd.write(token + "\n")
     return token, True
-
-
-def json_error(status: int, code: str, detail: str, **headers: str) -> web.Response:
-    """The JSON error body of CONTRACT section 4."""
-    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
 
 
 @web.middleware
@@ -340,25 +336,10 @@ async def get_series_instances(request: web.Request) -> web.Response:
 async def _stream_object(
     request: web.Request, key: str, content_type: str, filename: str | None = None
 ) -> web.StreamResponse:
-    storage = request.app[INGEST_KEY].storage
     headers = {"Content-Type": content_type}
     if filename:
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-    local = storage.local_path(key)
-    if local is not None:
-        if not local.is_file():
-            return json_error(404, "not_found", f"no object {key}")
-        # sendfile: the bytes never pass through Python.
-        return web.FileResponse(local, headers=headers)
-    size = await storage.size(key)
-    if size is None:
-        return json_error(404, "not_found", f"no object {key}")
-    response = web.StreamResponse(headers={**headers, "Content-Length": str(size)})
-    await response.prepare(request)
-    async for chunk in storage.read_chunks(key):
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    return await stream_object(request, request.app[INGEST_KEY].storage, key, headers)
 
 
 async def get_instance(request: web.Request) -> web.StreamResponse:

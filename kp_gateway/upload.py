@@ -48,6 +48,7 @@ from kp_gateway.errors import (
     http_status_for,
 )
 from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.responses import json_error, stream_object
 from kp_gateway.upload_import import (
     DONE,
     FAILED,
@@ -99,10 +100,6 @@ class _Params:
     kind: str
     extension: str
     filename: str
-
-
-def _json_error(status: int, code: str, detail: str, **headers: str) -> web.Response:
-    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
 
 
 def _safe_filename(raw: str) -> str:
@@ -584,7 +581,7 @@ class UploadService:
             raise web.HTTPConflict(text="another PATCH of this upload is in progress") from None
         try:
             if upload.state != RECEIVING or offset != upload.bytes_received:
-                return _json_error(
+                return json_error(
                     409,
                     "offset_mismatch",
                     f"Upload-Offset is {offset}, the upload is at {upload.bytes_received}",
@@ -643,7 +640,7 @@ class UploadService:
         """One upload's status: state, bytes, files, instances, series (with links), errors."""
         upload = self.records.get(request.match_info["id"])
         if upload is None:
-            return _json_error(404, "not_found", f"no upload {request.match_info['id']}")
+            return json_error(404, "not_found", f"no upload {request.match_info['id']}")
         return web.json_response(_public(upload, full=True))
 
     async def get_files(self, request: web.Request) -> web.Response:
@@ -662,7 +659,7 @@ class UploadService:
         upload_id, _, rel = request.match_info["path"].partition("/")
         upload = self.records.get(upload_id)
         if upload is None or not any(f["path"] == rel for f in upload.files):
-            return _json_error(404, "not_found", f"no uploaded file {request.match_info['path']}")
+            return json_error(404, "not_found", f"no uploaded file {request.match_info['path']}")
         storage = self._ingest.storage
         key = f"uploads/{upload_id}/{rel}"
         name = quote(rel.rsplit("/", 1)[-1])
@@ -670,18 +667,7 @@ class UploadService:
             "Content-Type": "application/octet-stream",
             "Content-Disposition": f"attachment; filename*=UTF-8''{name}",
         }
-        local = storage.local_path(key)
-        if local is not None:
-            return web.FileResponse(local, headers=headers)
-        size = await storage.size(key)
-        if size is None:
-            return _json_error(404, "not_found", f"no object {key}")
-        response = web.StreamResponse(headers={**headers, "Content-Length": str(size)})
-        await response.prepare(request)
-        async for chunk in storage.read_chunks(key):
-            await response.write(chunk)
-        await response.write_eof()
-        return response
+        return await stream_object(request, storage, key, headers)
 
     async def get_public_config(self, request: web.Request) -> web.Response:
         """What the upload page needs to build the ``dcmsend`` command and its uploads."""
@@ -795,7 +781,7 @@ def _tus_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except _NotImplementedUpload:
-            return _json_error(
+            return json_error(
                 501,
                 "not_implemented",
                 "kind=nifti needs the NIfTI importer, which this gateway does not have yet; "
@@ -805,12 +791,12 @@ def _tus_errors(handler: Handler) -> Handler:
         except GatewayError as exc:
             status = http_status_for(exc)
             extra = {"Retry-After": "5"} if status == 503 else {}
-            return _json_error(status, error_code_for(exc), str(exc), **tus, **extra)
+            return json_error(status, error_code_for(exc), str(exc), **tus, **extra)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             code = exc.reason.lower().replace(" ", "_")
-            return _json_error(exc.status, code, exc.text or exc.reason, **tus)
+            return json_error(exc.status, code, exc.text or exc.reason, **tus)
 
     return wrapped
 
