@@ -249,7 +249,11 @@ class Scp:
             return
         await asyncio.to_thread(server.shutdown)
         deadline = time.monotonic() + grace_s
-        while self.ae.active_associations and time.monotonic() < deadline:
+        # Wait for established associations only: a connection still negotiating (or a
+        # half-open socket) has nothing acknowledged and is aborted right away.
+        while time.monotonic() < deadline and any(
+            assoc.is_established for assoc in self.ae.active_associations
+        ):
             await asyncio.sleep(0.05)
         if self.ae.active_associations:
             logger.warning("aborting %d associations", len(self.ae.active_associations))
