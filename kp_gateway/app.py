@@ -25,6 +25,7 @@ from kp_gateway import config as config_mod
 from kp_gateway.archive import ArchiveLimits
 from kp_gateway.backends import make_index, make_storage
 from kp_gateway.config import Config
+from kp_gateway.convert.importer import NiftiUploadImporter
 from kp_gateway.errors import ConfigError
 from kp_gateway.http import Health, load_or_create_token, make_app
 from kp_gateway.metrics import Metrics
@@ -115,7 +116,9 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
         cfg, storage=storage, index=index, process_pool=pool, metrics=metrics, spool=spool
     )
     # Built before ingest starts: its hook counts recovered instances to their uploads.
-    uploads = UploadService(cfg, ingest, limits=_upload_limits(cfg), nifti_importer=None)
+    uploads = UploadService(
+        cfg, ingest, limits=_upload_limits(cfg), nifti_importer=NiftiUploadImporter(pool)
+    )
     scp = Scp(cfg.dicom, ingest, metrics)
     series_stages = _series_stages(cfg, series_pool)
     if series_stages is not None:

@@ -175,6 +175,7 @@ async def get_ready(request: web.Request) -> web.Response:
     except GatewayError as exc:
         components["index"] = {"ok": False, "detail": str(exc)}
     try:
+        await ingest.storage.ping()
         free = await ingest.storage.free_bytes()
         components["storage"] = {"ok": True, "free_bytes": free}
     except (GatewayError, OSError) as exc:

@@ -692,6 +692,11 @@ def _summary(upload: Upload) -> str:
         f"{upload.instances_imported} instances in {len(upload.series)} series",
         f"{upload.files_stored} files stored",
     ]
+    if upload.cases_total:
+        parts.append(
+            f"{upload.cases_done} of {upload.cases_total} NIfTI cases converted"
+            + (f" ({upload.cases_failed} failed)" if upload.cases_failed else "")
+        )
     if upload.errors_total:
         parts.append(f"{upload.errors_total} files with errors")
     return ", ".join(parts)
@@ -713,7 +718,7 @@ def _file_entry(upload: Upload, entry: dict[str, Any]) -> dict[str, Any]:
 
 def _public(upload: Upload, *, full: bool) -> dict[str, Any]:
     doc = upload.to_dict()
-    for private in ("series", "files", "errors", "members_done", "resumes"):
+    for private in ("series", "files", "errors", "warnings", "members_done", "resumes"):
         doc.pop(private)
     doc["members_done"] = upload.members_done
     doc["series_created"] = len(upload.series)
@@ -731,6 +736,7 @@ def _public(upload: Upload, *, full: bool) -> dict[str, Any]:
         ]
         doc["files"] = [_file_entry(upload, f) for f in upload.files]
         doc["errors"] = upload.errors
+        doc["warnings"] = upload.warnings
     return doc
 
 
@@ -784,7 +790,7 @@ def _tus_errors(handler: Handler) -> Handler:
             return json_error(
                 501,
                 "not_implemented",
-                "kind=nifti needs the NIfTI importer, which this gateway does not have yet; "
+                "kind=nifti needs the NIfTI importer, which is not installed in this gateway; "
                 "upload DICOM, or use kind=files to keep the NIfTI files as they are",
                 **tus,
             )

@@ -33,9 +33,11 @@ from kp_gateway.archive import ArchiveLimits, ArchiveMember, list_members, open_
 from kp_gateway.backends.fs import fsync_dir
 from kp_gateway.dicomutil import is_valid_uid
 from kp_gateway.errors import (
+    ConversionError,
     InvalidDicomError,
     PipelineFull,
     RejectedInputError,
+    ShuttingDownError,
     UnsupportedMediaError,
     error_code_for,
 )
@@ -47,7 +49,14 @@ logger = logging.getLogger(__name__)
 HEAD_BYTES = 1024  # the Part-10 preamble, "DICM" and a NIfTI-1/2 header all fit
 _COPY_CHUNK_BYTES = 1 << 20
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_NIFTI_SIDECARS = ("dataset.json", "meta_data.json", "seg_info.json")
+# The user guide spells the basic layout's side-cars with "_" and with "-".
+_NIFTI_SIDECARS = (
+    "dataset.json",
+    "meta_data.json",
+    "meta-data.json",
+    "seg_info.json",
+    "seg-info.json",
+)
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 # Status documents are rewritten while importing; keep them small whatever the upload holds.
 MAX_LISTED_ERRORS = 1000
@@ -98,10 +107,15 @@ class Upload:
     instances_imported: int = 0
     instances_failed: int = 0
     errors_total: int = 0
+    cases_total: int = 0  # NIfTI cases planned in the upload's tree
+    cases_done: int = 0  # converted and every file admitted to the pipeline
+    cases_failed: int = 0  # not converted; one error each, nothing of them imported
+    warnings_total: int = 0
     resumes: int = 0
     series: list[str] = field(default_factory=list)
     files: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Upload:
@@ -122,6 +136,12 @@ class Upload:
             else:
                 detail = exc
             self.errors.append({"file": file, "error": code or "rejected", "detail": detail})
+
+    def add_warning(self, message: str) -> None:
+        """Record a conversion warning (the list is capped; the total is not)."""
+        self.warnings_total += 1
+        if len(self.warnings) < MAX_LISTED_ERRORS:
+            self.warnings.append(message)
 
     def add_series(self, uid: str) -> None:
         """Remember a series this upload delivered to."""
@@ -301,6 +321,14 @@ def has_spooled_files(folders: list[Path]) -> bool:
 # -- the importer (event loop) ------------------------------------------------------------
 
 
+def _no_progress(cases_total: int, cases_done: int, cases_failed: int) -> None:
+    return None
+
+
+def _no_warning(message: str) -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class NiftiJob:
     """What the NIfTI importer gets: an extracted tree, its routing, and how to emit DICOM.
@@ -308,12 +336,21 @@ class NiftiJob:
     ``emit(path, name)`` spools one Part-10 file the importer wrote into ``tmp_dir`` (same
     filesystem as the spool; ownership passes to the gateway) and admits it to the pipeline,
     waiting while the pipeline is saturated. `name` attributes per-file errors.
+    ``progress(cases_total, cases_done, cases_failed)`` reports absolute case counts and
+    ``warn(message)`` a conversion warning, both into the upload status. ``cases_done`` and
+    ``cases_failed`` are what an interrupted earlier run of this import finished: the cases
+    before ``cases_done + cases_failed`` in plan order are skipped. All callables run on the
+    loop.
     """
 
     tree: Path
     routing: Routing
     tmp_dir: Path
     emit: Callable[[Path, str], Awaitable[None]]
+    progress: Callable[[int, int, int], None] = _no_progress
+    warn: Callable[[str], None] = _no_warning
+    cases_done: int = 0
+    cases_failed: int = 0
 
 
 # Returns per-file errors as (relative path, human-readable reason); runs on the event loop.
@@ -437,11 +474,20 @@ class UploadImporter:
                 await ctx.import_zip()
             else:
                 await ctx.import_single()
-            if ctx.nifti_names:
+            # The tree survives a stop, so a resumed import converts it even when every
+            # member was extracted before the stop.
+            if self._nifti is not None and (
+                ctx.nifti_names or await asyncio.to_thread(ctx.nifti_dir.is_dir)
+            ):
                 await ctx.import_nifti()
             await progress.idle.wait()
             if upload.resumes:
                 await self._wait_for_earlier_sources(upload)
+        except (asyncio.CancelledError, ShuttingDownError):
+            raise  # the extracted NIfTI tree stays for the resumed import
+        except BaseException:
+            await asyncio.to_thread(remove_paths, work_dir / f"{upload.id}.nifti")
+            raise
         finally:
             self._running.pop(upload.id, None)
             self._ingest.source_closed(routing.source_id)
@@ -581,20 +627,53 @@ class _Run:
             upload.files.append({"path": name, "size": size})
 
     async def import_nifti(self) -> None:
+        """Convert the extracted tree. The tree is removed when the import ends, except
+        when the gateway stops (cancelled or shutting down): the resumed import uses it.
+
+        Raises ConversionError under ``kind=nifti`` when no case could even be planned.
+        """
         importer = self.importer._nifti
         assert importer is not None
+        upload = self.upload
 
         async def emit(path: Path, name: str) -> None:
             assert self.folder is not None
             spooled = await asyncio.to_thread(self.ingest.spool.commit_file, path, self.folder)
             await self.importer.submit(self.progress, spooled, self.routing, name)
 
+        def progress(cases_total: int, cases_done: int, cases_failed: int) -> None:
+            upload.cases_total = cases_total
+            upload.cases_done = cases_done
+            upload.cases_failed = cases_failed
+            self.importer._on_change(upload)
+
+        def warn(message: str) -> None:
+            upload.add_warning(message)
+            self.importer._on_change(upload)
+
+        job = NiftiJob(
+            self.nifti_dir,
+            self.routing,
+            self.ingest.spool.tmp,
+            emit,
+            progress=progress,
+            warn=warn,
+            cases_done=upload.cases_done,
+            cases_failed=upload.cases_failed,
+        )
         try:
-            job = NiftiJob(self.nifti_dir, self.routing, self.ingest.spool.tmp, emit)
-            for name, reason in await importer(job):
-                self.upload.add_error(name, reason, "conversion")
-        finally:
+            errors = await importer(job)
+        except (asyncio.CancelledError, ShuttingDownError):
+            raise
+        except BaseException:
             await asyncio.to_thread(remove_paths, self.nifti_dir)
+            raise
+        await asyncio.to_thread(remove_paths, self.nifti_dir)
+        for name, reason in errors:
+            upload.add_error(name, reason, "conversion")
+        if errors and upload.kind == "nifti" and upload.cases_total == 0:
+            # Nothing was even planned (invalid JSON, no layout): the upload as a whole failed.
+            raise ConversionError(errors[0][1])
 
 
 def _move_into(src: Path, dst: Path) -> None:

@@ -25,6 +25,9 @@ class StorageBackend(Protocol):
     async def aclose(self) -> None:
         """Release clients and threads."""
 
+    async def ping(self) -> None:
+        """Raise BackendUnavailableError / BackendRejectedError when storage is unreachable."""
+
     async def put_file(self, key: str, src: Path) -> int:
         """Store the durable file `src` under `key`, atomically; `src` stays in place.
 

@@ -54,6 +54,11 @@ class FsStorage:
     async def aclose(self) -> None:
         return None
 
+    async def ping(self) -> None:
+        ok = await asyncio.to_thread(os.access, self._root, os.W_OK)
+        if not ok:
+            raise BackendUnavailableError(f"data directory {self._root} is not writable")
+
     def _path(self, key: str) -> Path:
         # Keys are built from validated UIDs or sanitised names; this guards the contract anyway.
         if key.startswith("/") or ".." in key.split("/") or "\x00" in key:

@@ -312,13 +312,17 @@ class Pipeline(Generic[T]):
         """Schedule a retry or quarantine the item; True when the item left the stage."""
         env.attempts += 1
         outcome = classify(exc)
-        if outcome is StageOutcome.RETRY and env.attempts < self._retry.max_attempts:
+        # A backend that is down (disk full, S3 or the index unreachable) is waited out without
+        # an attempt limit: the item was acknowledged and must not end in quarantine because
+        # of an outage. Meanwhile the queues fill and senders get 0xA700 / 503.
+        unlimited = isinstance(exc, BackendUnavailableError)
+        if outcome is StageOutcome.RETRY and (unlimited or env.attempts < self._retry.max_attempts):
             delay = self._retry.delay(env.attempts)
             logger.warning(
-                "stage %s failed (attempt %d of %d), retrying in %.1f s: %s",
+                "stage %s failed (attempt %d%s), retrying in %.1f s: %s",
                 stage.name,
                 env.attempts,
-                self._retry.max_attempts,
+                "" if unlimited else f" of {self._retry.max_attempts}",
                 delay,
                 exc,
             )

@@ -46,9 +46,11 @@ class Spool:
         """Create the folders. Blocking."""
         for path in (self.tmp, self.incoming, self.quarantine):
             path.mkdir(parents=True, exist_ok=True)
-        # Leftover partial files were never acknowledged: drop them.
+        # Leftover partial files and scratch folders were never acknowledged: drop them.
         for leftover in self.tmp.iterdir():
-            if leftover.is_file():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
                 leftover.unlink(missing_ok=True)
 
     def open_source(self, routing: Routing) -> Path:

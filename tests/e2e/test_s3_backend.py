@@ -243,8 +243,7 @@ def test_s3_outage_acknowledges_from_spool_and_catches_up(
     gw = gateway_process(
         tmp_path / "data",
         **s3_settings(moto_s3, bucket),
-        # Enough attempts to ride out the outage; the default gives up after ~8 s.
-        pipeline__max_attempts=200,
+        # Default max_attempts: an unavailable backend is retried without limit anyway.
         pipeline__retry_backoff_s=0.2,
         pipeline__retry_backoff_max_s=1.0,
         series__enabled=False,

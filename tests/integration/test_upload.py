@@ -281,7 +281,7 @@ def _bad_inputs(dicom_file: bytes) -> list[tuple[str, dict[str, str], bytes, int
         ("bad kind", {"kind": "pdf"}, ok_zip, 400, "rejected_input"),
         ("bad dataset", {"dataset": "../x"}, ok_zip, 400, "rejected_input"),
         ("unknown parameter", {"projekt": "admin"}, ok_zip, 400, "rejected_input"),
-        ("nifti importer missing", {"kind": "nifti"}, ok_zip, 501, "not_implemented"),
+        ("kind=nifti but no NIfTI inside", {"kind": "nifti"}, ok_zip, 415, "unsupported_media"),
     ]
 
 

@@ -113,7 +113,7 @@ async def test_transient_failure_retried_then_succeeds() -> None:
     [
         (InvalidDicomError("bad"), 1),
         (BackendRejectedError("no"), 1),
-        (BackendUnavailableError("down"), 3),
+        (OSError("io"), 3),
         (RuntimeError("bug"), 3),
     ],
 )
@@ -214,3 +214,20 @@ async def test_submit_threadsafe_admits_without_the_loop_and_bounds() -> None:
     assert await pipeline.drain(5)
     assert sorted(rec.finished) == [0, 1, 2]
     assert seen == [0, 1, 2]
+
+
+async def test_backend_outage_is_retried_past_max_attempts() -> None:
+    """An unavailable backend never sends an acknowledged item to quarantine."""
+    attempts = 0
+
+    async def outage(batch: list[int]) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 10:  # more than max_attempts (3)
+            raise BackendUnavailableError("S3 unreachable")
+
+    rec = Recorder()
+    pipeline = make_pipeline([Stage("store", outage)], rec)
+    await pipeline.submit(1, timeout_s=1)
+    assert await pipeline.drain(5)
+    assert (attempts, rec.finished, rec.quarantined) == (10, [1], [])
