@@ -184,23 +184,10 @@ def _upload_limits(cfg: Config) -> UploadLimits:
 
 
 def _series_stages(cfg: Config, executor: ProcessPoolExecutor | None) -> SeriesPostProcessor | None:
-    s = cfg.series
-    if not s.enabled:
+    if not cfg.series.enabled:
         return None
-    return SeriesPostProcessor(
-        executor,
-        size_px=s.thumbnail_size_px,
-        validation_timeout_s=s.validation_timeout_s,
-        validation_max_instances=s.validation_max_instances,
-        validation_workers=s.validation_workers,
-        concurrency=s.concurrency,
-        queue_size=s.queue_size,
-        max_attempts=s.max_attempts,
-        retry_backoff_s=s.retry_backoff_s,
-        retry_backoff_max_s=s.retry_backoff_max_s,
-        enqueue_wait_s=s.enqueue_wait_s,
-        site_timezone=cfg.index.site_timezone,
-        rescan_on_start=s.rescan_on_start,
+    return SeriesPostProcessor.from_config(
+        cfg.series, executor, site_timezone=cfg.index.site_timezone
     )
 
 

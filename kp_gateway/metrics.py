@@ -62,6 +62,19 @@ class Metrics:
         self.series_completed = Counter(
             "kp_gateway_series_completed", "Series marked complete.", registry=r
         )
+        self.backend_seconds = Histogram(
+            "kp_gateway_backend_seconds",
+            "Latency of storage and index calls made by the pipeline.",
+            ["backend", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "kp_gateway_backend_errors",
+            "Failed storage and index calls, by backend and operation.",
+            ["backend", "operation"],
+            registry=r,
+        )
         self.uploads_total = Counter(
             "kp_gateway_uploads", "HTTP uploads, by final state.", ["state"], registry=r
         )

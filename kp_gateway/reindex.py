@@ -486,21 +486,12 @@ class Reindexer:
         from kp_gateway.pipeline.series_stages import SeriesPostProcessor
         from kp_gateway.pipeline.spool import Spool
 
-        s = self._cfg.series
-        stages = SeriesPostProcessor(
+        stages = SeriesPostProcessor.from_config(
+            self._cfg.series,
             None,
-            size_px=s.thumbnail_size_px,
-            validation_timeout_s=s.validation_timeout_s,
-            validation_max_instances=s.validation_max_instances,
-            validation_workers=s.validation_workers,
-            concurrency=s.concurrency,
-            queue_size=s.queue_size,
-            max_attempts=s.max_attempts,
-            retry_backoff_s=s.retry_backoff_s,
-            retry_backoff_max_s=s.retry_backoff_max_s,
+            site_timezone=self._cfg.index.site_timezone,
             # enqueue() then waits for queue space instead of dropping the series.
             enqueue_wait_s=24 * 3600.0,
-            site_timezone=self._cfg.index.site_timezone,
             rescan_on_start=False,
         )
         # Never started: it only lends its storage, index, metrics and spool to the stages.

@@ -8,12 +8,15 @@ All methods are coroutines called on the event loop.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from kp_gateway.model import InstanceRecord, Routing
+
+logger = logging.getLogger(__name__)
 
 
 class StorageBackend(Protocol):
@@ -93,6 +96,23 @@ class IndexedInstance:
     record: InstanceRecord
     routing: Routing
     received_at: float
+
+
+def index_targets(routing: Routing, existing_projects: set[str], admin: str = "admin") -> list[str]:
+    """Projects a series is indexed under: always `admin`, plus its own project if it exists.
+
+    A project deleted while its association was open leaves the data visible in admin.
+    """
+    targets = [admin]
+    if routing.project != admin:
+        if routing.project in existing_projects:
+            targets.append(routing.project)
+        else:
+            logger.warning(
+                "project %s vanished before its series was indexed; mapped to admin only",
+                routing.project,
+            )
+    return targets
 
 
 class IndexBackend(Protocol):

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import opensearchpy
 from opensearchpy import AsyncOpenSearch
 
-from kp_gateway.backends.base import IndexedInstance, SeriesQuery
+from kp_gateway.backends.base import IndexedInstance, SeriesQuery, index_targets
 from kp_gateway.backends.sqlite import (
     ADMIN_PROJECT,
     KEY_COMPLETE,
@@ -428,16 +428,7 @@ class OpenSearchIndex:
         plans: dict[str, _SeriesPlan] = {}
         for item in batch:
             rec, routing, now = item.record, item.routing, item.received_at
-            targets = [ADMIN_PROJECT]
-            if routing.project != ADMIN_PROJECT:
-                if routing.project in projects:
-                    targets.append(routing.project)
-                else:
-                    logger.warning(
-                        "project %s vanished before series %s was indexed; mapped to admin only",
-                        routing.project,
-                        rec.series_instance_uid,
-                    )
+            targets = index_targets(routing, projects, ADMIN_PROJECT)
             instance = {
                 "sop_uid": rec.sop_instance_uid,
                 "series_uid": rec.series_instance_uid,

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kp_gateway.backends.base import IndexedInstance, SeriesQuery
+from kp_gateway.backends.base import IndexedInstance, SeriesQuery, index_targets
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -156,17 +156,7 @@ class SqliteIndex:
         self, conn: sqlite3.Connection, item: IndexedInstance, projects: set[str]
     ) -> None:
         rec, routing, now = item.record, item.routing, item.received_at
-        # A project deleted while its association was open: keep the data visible in admin.
-        targets = [ADMIN_PROJECT]
-        if routing.project != ADMIN_PROJECT:
-            if routing.project in projects:
-                targets.append(routing.project)
-            else:
-                logger.warning(
-                    "project %s vanished before series %s was indexed; mapped to admin only",
-                    routing.project,
-                    rec.series_instance_uid,
-                )
+        targets = index_targets(routing, projects, ADMIN_PROJECT)
         conn.execute(
             "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, "
             "transfer_syntax_uid, instance_number, number_of_frames, size, storage_key, "

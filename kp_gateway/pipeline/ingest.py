@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
 from kp_gateway.backends.base import IndexBackend, IndexedInstance, StorageBackend
 from kp_gateway.config import Config
 from kp_gateway.errors import (
+    BackendError,
     BackendUnavailableError,
     GatewayError,
     InvalidDicomError,
@@ -78,6 +80,21 @@ class _MetricsObserver(StageObserver[IngestItem]):
 
     def on_retry(self, stage: str, item: IngestItem, exc: BaseException) -> None:
         self._metrics.stage_items.labels(stage=stage, outcome="retry").inc()
+
+
+@contextlib.asynccontextmanager
+async def _measured(metrics: Metrics, backend: str, operation: str) -> AsyncIterator[None]:
+    """Observe one backend call's latency, and count it when it fails."""
+    started = time.monotonic()
+    try:
+        yield
+    except BackendError:
+        metrics.backend_errors.labels(backend=backend, operation=operation).inc()
+        raise
+    finally:
+        metrics.backend_seconds.labels(backend=backend, operation=operation).observe(
+            time.monotonic() - started
+        )
 
 
 class IngestService:
@@ -219,9 +236,10 @@ class IngestService:
                 # The pipeline splits the batch: parsed items go on, the bad one is retried
                 # alone and quarantined.
                 raise failure
-        await self.storage.put_files(
-            [(item.record.storage_key, item.spool_path) for item in batch if item.record]
-        )
+        async with _measured(self.metrics, self._cfg.storage.backend, "put"):
+            await self.storage.put_files(
+                [(item.record.storage_key, item.spool_path) for item in batch if item.record]
+            )
 
     async def _index(self, batch: list[IngestItem]) -> None:
         records = []
@@ -231,7 +249,8 @@ class IngestService:
             records.append(IndexedInstance(item.record, item.routing, item.received_at))
         # Before the commit: the index must never know a mapping that reindex cannot rebuild.
         await self._write_routing_records(batch)
-        await self.index.write_instances(records)
+        async with _measured(self.metrics, self._cfg.index.backend, "write"):
+            await self.index.write_instances(records)
         # Committed: the spool copies are no longer needed.
         await asyncio.to_thread(self._discard_spool_files, [i.spool_path for i in batch])
 
@@ -293,7 +312,8 @@ class IngestService:
         self._run_item_hooks(item, exc)
 
     async def _complete_series(self, series_uid: str) -> None:
-        fields = await self.index.complete_series(series_uid)
+        async with _measured(self.metrics, self._cfg.index.backend, "complete"):
+            fields = await self.index.complete_series(series_uid)
         self.metrics.series_completed.inc()
         logger.info("series %s complete", series_uid)
         for hook in self.series_complete_hooks:

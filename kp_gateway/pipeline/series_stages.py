@@ -55,6 +55,7 @@ from kp_gateway.backends.sqlite import (
     KEY_THUMBNAIL,
     KEY_VALIDATION,
 )
+from kp_gateway.config import SeriesConfig
 from kp_gateway.errors import RejectedInputError
 from kp_gateway.thumbnails import Thumbnail, referenced_series_uid, render_series_thumbnail
 from kp_gateway.validation import (
@@ -297,6 +298,33 @@ class SeriesPostProcessor:
         series that have no thumbnail or validation yet (work lost to a crash, a shutdown or
         a full queue) and mask-only annotations whose referenced series is stored now.
     """
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: SeriesConfig,
+        executor: Executor | None,
+        *,
+        site_timezone: str,
+        enqueue_wait_s: float | None = None,
+        rescan_on_start: bool | None = None,
+    ) -> SeriesPostProcessor:
+        """Build from the ``[series]`` section; keyword arguments override two of its keys."""
+        return cls(
+            executor,
+            size_px=cfg.thumbnail_size_px,
+            validation_timeout_s=cfg.validation_timeout_s,
+            validation_max_instances=cfg.validation_max_instances,
+            validation_workers=cfg.validation_workers,
+            concurrency=cfg.concurrency,
+            queue_size=cfg.queue_size,
+            max_attempts=cfg.max_attempts,
+            retry_backoff_s=cfg.retry_backoff_s,
+            retry_backoff_max_s=cfg.retry_backoff_max_s,
+            enqueue_wait_s=cfg.enqueue_wait_s if enqueue_wait_s is None else enqueue_wait_s,
+            site_timezone=site_timezone,
+            rescan_on_start=cfg.rescan_on_start if rescan_on_start is None else rescan_on_start,
+        )
 
     def __init__(
         self,

@@ -152,6 +152,8 @@ async def test_health_ready_and_metrics_text(
         'kp_gateway_stage_seconds_bucket{le="0.001",stage="index"}',
         "kp_gateway_scp_active_associations",
         'kp_gateway_pipeline_items_total{outcome="ok",stage="store"} 2.0',
+        'kp_gateway_backend_seconds_count{backend="fs",operation="put"}',
+        'kp_gateway_backend_seconds_count{backend="sqlite",operation="write"}',
     ):
         assert name in text, name
 
