@@ -54,7 +54,7 @@ class DicomConfig:
         choices=("chunked", "memory"),
     )
     poll_interval_s: float = _ck(
-        0.0002,
+        0.0001,
         "pynetdicom's idle polling step (its default is 0.001 s, which caps one association at "
         "a few hundred small instances/s); lower is faster but costs CPU per open association.",
         min=0.00001,
@@ -129,7 +129,12 @@ class PipelineConfig:
         32, "Most instances one store worker parses and stores per round trip.", min=1
     )
     batch_linger_s: float = _ck(
-        0.02, "How long a stage waits for more items to share one round trip.", min=0.0
+        0.5,
+        "How long a stage waits for more items to share one round trip: fewer fsyncs and "
+        "commits compete with the receive path's own fsyncs; adds at most twice this to the "
+        "time until an instance is searchable.",
+        min=0.0,
+        max=5.0,
     )
     index_workers: int = _ck(1, "Concurrent index-stage workers (each commits batches).", min=1)
     process_pool_size: int = _ck(
