@@ -119,8 +119,9 @@ def test_dcmsend_second_send_appends_to_dataset(gateway_process: Any, tmp_path: 
         result = run_dcmsend(gw.dicom_port, folder, calling="kp-cohort", called="kp-admin")
         assert result.returncode == 0, result.stderr
     wait_until(
-        lambda: [d["instance_count"] for d in _get(gw, "/api/projects/admin/datasets")["items"]]
-        == [7],
+        lambda: (
+            [d["instance_count"] for d in _get(gw, "/api/projects/admin/datasets")["items"]] == [7]
+        ),
         what="7 instances in dataset cohort",
     )
     datasets = _get(gw, "/api/projects/admin/datasets")["items"]
