@@ -564,6 +564,12 @@ class SeriesPostProcessor:
             for stage in STAGES:
                 if stage in stages:
                     await self._run_stage(stage, uid, series, instances, paths, fields)
+        # Another gateway (or a late association) may have added instances while the stages
+        # ran on the older set; their outputs could then land last. Run them again: the next
+        # run sees every instance and overwrites thumbnail, report and fields.
+        if len(await index.list_instances(uid)) != len(instances):
+            logger.info("series %s changed while its stages ran; running them again", uid)
+            await self.enqueue(uid, stages)
 
     async def _run_stage(
         self,
