@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import struct
 import tempfile
@@ -175,6 +176,10 @@ class Scp:
         self._free_checked_at = 0.0
         self._free_ok = True
         self._previous_tempdir: str | None = None
+        # Bound once: label lookups on every C-STORE add up at hundreds per second.
+        self._received_bytes = metrics.received_bytes
+        self._received_instances = metrics.instances_total.labels(source="dicom")
+        self._cstore_success = metrics.cstore_total.labels(status="0x0000")
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -374,9 +379,9 @@ class Scp:
             spooled, size = self._spool(event, state.folder, transfer_syntax)
             item = IngestItem(spooled, state.routing, time.time())
             self._ingest.submit_from_thread(item, self._cfg.admission_wait_s)
-            self._metrics.received_bytes.inc(size)
-            self._metrics.instances_total.labels(source="dicom").inc()
-            self._metrics.cstore_total.labels(status="0x0000").inc()
+            self._received_bytes.inc(size)
+            self._received_instances.inc()
+            self._cstore_success.inc()
             return STATUS_SUCCESS
         except Exception as exc:
             status = dimse_status_for(exc)
@@ -395,12 +400,18 @@ class Scp:
         spool = self._ingest.spool
         if self._cfg.receive_mode == "chunked":
             received = Path(event.dataset_path)
-            size = received.stat().st_size
-            with open(received, "rb") as fh:
-                head, dataset_start = _dataset_head(fh)
-            if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
-                raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
-            return spool.commit_file(received, folder), size
+            # One descriptor for the sniff and the fsync: this runs once per C-STORE.
+            fd = os.open(received, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                head, dataset_start = _dataset_head(fd)
+                if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
+                    raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+                if spool.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            return spool.commit_file(received, folder, already_synced=True), size
         data = event.encoded_dataset(include_meta=True)
         dataset_length = len(cast(Any, event.request).DataSet.getbuffer())
         meta_end = len(data) - dataset_length
@@ -410,16 +421,15 @@ class Scp:
         return spool.write_file(data, folder), len(data)
 
 
-def _dataset_head(fh: Any) -> tuple[bytes, int]:
+def _dataset_head(fd: int) -> tuple[bytes, int]:
     """The first 16 bytes of the dataset in a Part-10 file pynetdicom wrote, and its offset."""
-    fh.seek(128 + 4)
-    group_length = fh.read(12)  # (0002,0000) UL, explicit VR little endian, always first
+    # (0002,0000) UL, explicit VR little endian, is always the first element after "DICM".
+    group_length = os.pread(fd, 12, 128 + 4)
     if len(group_length) < 12:
         return b"", 0
     (meta_length,) = struct.unpack("<I", group_length[8:12])
     start = 128 + 4 + 12 + meta_length
-    fh.seek(start)
-    return bytes(fh.read(16)), start
+    return os.pread(fd, 16, start), start
 
 
 __all__ = ["Scp", "parse_called_ae", "parse_calling_ae"]

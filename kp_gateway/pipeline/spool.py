@@ -40,7 +40,7 @@ class Spool:
         self.tmp = self.root / "tmp"
         self.incoming = self.root / "incoming"
         self.quarantine = data_dir / "quarantine"
-        self._fsync = fsync
+        self.fsync = fsync
 
     def create(self) -> None:
         """Create the folders. Blocking."""
@@ -61,10 +61,10 @@ class Spool:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(asdict(routing), fh)
             fh.flush()
-            if self._fsync:
+            if self.fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, folder / ROUTING_FILE)
-        if self._fsync:
+        if self.fsync:
             fsync_dir(folder)
             fsync_dir(self.incoming)
         return folder
@@ -74,7 +74,7 @@ class Spool:
 
         `src` must be on the spool's filesystem (``tmp/``), so the move is an atomic rename.
         """
-        if self._fsync and not already_synced:
+        if self.fsync and not already_synced:
             fd = os.open(src, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -82,7 +82,7 @@ class Spool:
                 os.close(fd)
         dst = folder / f"{uuid.uuid4().hex}.dcm"
         os.rename(src, dst)
-        if self._fsync:
+        if self.fsync:
             fsync_dir(folder)
         return dst
 
@@ -92,7 +92,7 @@ class Spool:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            if self._fsync:
+            if self.fsync:
                 os.fsync(fh.fileno())
         return self.commit_file(tmp, folder, already_synced=True)
 
