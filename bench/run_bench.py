@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -156,7 +157,7 @@ def _base_dataset(sop_class: str, modality: str, patient: str, study_uid: str) -
     return ds
 
 
-def _save(ds: Dataset, path: Path) -> None:
+def _save(ds: Dataset, path: Path | BinaryIO) -> None:
     """Write ``ds`` as a Part 10 file, explicit VR little endian."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -167,10 +168,15 @@ def _save(ds: Dataset, path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def generate_ct(root: Path, slices: int, rng: np.random.Generator) -> Workload:
-    """One CT series of ``slices`` 512x512 int16 slices (an elliptical phantom plus noise)."""
-    out = root / "all"
-    out.mkdir(parents=True)
+def part10_bytes(ds: Dataset) -> bytes:
+    """``ds`` encoded as a Part 10 file (explicit VR little endian), in memory."""
+    buf = io.BytesIO()
+    _save(ds, buf)
+    return buf.getvalue()
+
+
+def iter_ct_slices(slices: int, rng: np.random.Generator) -> Iterator[Dataset]:
+    """The datasets of one CT series of ``slices`` 512x512 int16 slices (phantom plus noise)."""
     study_uid, series_uid = generate_uid(), generate_uid()
     yy, xx = np.mgrid[-256:256, -256:256]
     body = ((xx / 220.0) ** 2 + (yy / 160.0) ** 2) <= 1.0
@@ -179,7 +185,6 @@ def generate_ct(root: Path, slices: int, rng: np.random.Generator) -> Workload:
     )
     phantom = np.where(body, 1040, 0).astype(np.int16)
     phantom[lung] = 200
-    files: list[Path] = []
     for i in range(slices):
         ds = _base_dataset(CTImageStorage, "CT", "BENCH-CT", study_uid)
         ds.SeriesInstanceUID = series_uid
@@ -205,14 +210,26 @@ def generate_ct(root: Path, slices: int, rng: np.random.Generator) -> Workload:
         ds.WindowWidth = "400"
         noise = rng.integers(-20, 21, size=(512, 512), dtype=np.int16)
         ds.PixelData = (phantom + noise).tobytes()
+        yield ds
+
+
+def generate_ct(root: Path, slices: int, rng: np.random.Generator) -> Workload:
+    """One CT series of ``slices`` 512x512 int16 slices (an elliptical phantom plus noise)."""
+    out = root / "all"
+    out.mkdir(parents=True)
+    files: list[Path] = []
+    for i, ds in enumerate(iter_ct_slices(slices, rng)):
         path = out / f"ct_{i:05d}.dcm"
         _save(ds, path)
         files.append(path)
     return Workload("ct", root, files, 1, sum(f.stat().st_size for f in files))
 
 
-def generate_small(root: Path, count: int, rng: np.random.Generator) -> Workload:
-    """``count`` 64x64 int16 MR instances in series of 100 (several studies of one patient)."""
+def generate_small(
+    root: Path, count: int, rng: np.random.Generator, series_size: int = SMALL_SERIES_SIZE
+) -> Workload:
+    """``count`` 64x64 int16 MR instances in series of ``series_size`` (100 by default; several
+    studies of one patient)."""
     out = root / "all"
     out.mkdir(parents=True)
     study_uid = generate_uid()
@@ -222,7 +239,7 @@ def generate_small(root: Path, count: int, rng: np.random.Generator) -> Workload
     yy, xx = np.mgrid[-32:32, -32:32]
     head = np.where((xx / 28.0) ** 2 + (yy / 30.0) ** 2 <= 1.0, 800, 0).astype(np.int16)
     for i in range(count):
-        if i % SMALL_SERIES_SIZE == 0:
+        if i % series_size == 0:
             series_uid = generate_uid()
             n_series += 1
             if n_series % 5 == 1:
@@ -232,7 +249,7 @@ def generate_small(root: Path, count: int, rng: np.random.Generator) -> Workload
         ds.SOPInstanceUID = generate_uid()
         ds.SeriesNumber = n_series
         ds.SeriesDescription = f"t1_se_tra {n_series}"
-        ds.InstanceNumber = i % SMALL_SERIES_SIZE + 1
+        ds.InstanceNumber = i % series_size + 1
         ds.ScanningSequence = "SE"
         ds.SequenceVariant = "SP"
         ds.MRAcquisitionType = "2D"
@@ -240,7 +257,7 @@ def generate_small(root: Path, count: int, rng: np.random.Generator) -> Workload
         ds.RepetitionTime = "500"
         ds.MagneticFieldStrength = "3"
         ds.SliceThickness = "4.0"
-        ds.ImagePositionPatient = [-120.0, -120.0, float(4 * (i % SMALL_SERIES_SIZE))]
+        ds.ImagePositionPatient = [-120.0, -120.0, float(4 * (i % series_size))]
         ds.PixelSpacing = [3.75, 3.75]
         ds.Rows = 64
         ds.Columns = 64
