@@ -160,7 +160,12 @@ class SeriesConfig:
     validation_max_instances: int = _ck(
         50, "Larger series are validated on an even sample (first and last included).", min=1
     )
-    validation_workers: int = _ck(2, "dciodvfy processes per series at once.", min=1)
+    validation_workers: int = _ck(
+        1,
+        "dciodvfy processes per series at once; more validate faster but take CPU from "
+        "receiving on a small machine (bench/stages_impact.py measures it).",
+        min=1,
+    )
     concurrency: int = _ck(1, "Series processed at once.", min=1)
     queue_size: int = _ck(1024, "Distinct series waiting for the stages.", min=1)
     max_attempts: int = _ck(3, "Attempts per stage before the failure is recorded.", min=1)
