@@ -104,6 +104,18 @@ def classify(exc: BaseException) -> StageOutcome:
     return StageOutcome.RETRY
 
 
+async def cancel_tasks(*groups: set[asyncio.Task[None]]) -> None:
+    """Cancel every task of `groups`, wait until each has ended, and empty the sets."""
+    tasks = [task for group in groups for task in group]
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for group in groups:
+        group.clear()
+
+
 class StageObserver(Generic[T]):
     """Hooks for metrics and bookkeeping; the default does nothing."""
 
@@ -376,11 +388,4 @@ class Pipeline(Generic[T]):
     async def aclose(self) -> None:
         """Cancel workers and pending retries at once."""
         self._accepting = False
-        tasks = [*self._tasks, *self._retry_tasks]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        self._retry_tasks.clear()
+        await cancel_tasks(self._tasks, self._retry_tasks)

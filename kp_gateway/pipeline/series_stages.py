@@ -57,6 +57,7 @@ from kp_gateway.backends.sqlite import (
 )
 from kp_gateway.config import SeriesConfig
 from kp_gateway.errors import RejectedInputError
+from kp_gateway.pipeline.core import cancel_tasks
 from kp_gateway.thumbnails import Thumbnail, referenced_series_uid, render_series_thumbnail
 from kp_gateway.validation import (
     SeriesValidation,
@@ -422,14 +423,7 @@ class SeriesPostProcessor:
                     while not self.idle:
                         await asyncio.sleep(0.05)
         self._closing = True
-        tasks = [*self._tasks, *self._side_tasks]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
-        self._side_tasks.clear()
+        await cancel_tasks(self._tasks, self._side_tasks)
         if self._threads is not None:
             # A running dciodvfy ends by itself within its per-file timeout.
             self._threads.shutdown(wait=False, cancel_futures=True)
