@@ -319,10 +319,18 @@ async function followImport(id) {
     $("import-progress").value = Math.round(fraction * 100);
     $("import-percent").textContent = `${Math.round(fraction * 100)} %`;
     $("upload-status").textContent =
-      `importing: ${status.instances_imported} instances, ${status.files_stored} files`;
+      `importing: ${status.instances_imported} instances, ${status.files_stored} files` +
+      niftiCases(status);
     if (status.state === "done" || status.state === "failed") return status;
     await new Promise((r) => setTimeout(r, 500));
   }
+}
+
+// NIfTI trees are converted case by case; say how far that got (empty for DICOM uploads).
+function niftiCases(status) {
+  if (!status.cases_total) return "";
+  const failed = status.cases_failed ? `, ${status.cases_failed} failed` : "";
+  return ` NIfTI: ${status.cases_done} of ${status.cases_total} cases converted${failed}.`;
 }
 
 function link(href, text) {
@@ -341,6 +349,7 @@ function showResults(status) {
     `${status.state === "done" ? "Done" : "Failed"}: ${status.files_seen} files seen, ` +
     `${status.instances_imported} instances imported into ${status.series_created} series, ` +
     `${status.files_stored} files stored, ${status.errors_total} with problems.` +
+    niftiCases(status) +
     (status.state === "failed" && status.detail ? ` ${status.detail}` : "");
   $("series-links").replaceChildren(...status.series.map((s) => {
     const li = document.createElement("li");
