@@ -211,6 +211,10 @@ class Scp:
         # Identifiers carry patient data: never log them.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
+        # pynetdicom's standard event handlers format every DIMSE message for INFO logging
+        # (a few per cent of the receiving interpreter); bind them only when it would show.
+        pynetdicom_logs = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+        _config.LOG_HANDLER_LEVEL = "standard" if pynetdicom_logs else "none"
         spool_tmp = self._ingest.spool.tmp
         spool_tmp.mkdir(parents=True, exist_ok=True)
         # pynetdicom's chunked receive writes to tempfile's directory; ours is on the data
