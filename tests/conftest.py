@@ -26,6 +26,20 @@ from kp_gateway.config import Config, load
 REPO = Path(__file__).resolve().parent.parent
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
+# Debian's Chromium, driven by Playwright for Python (never its own browser download). The
+# flags keep it from reaching for the network this machine does not have.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = REPO / "test-artifacts"
+
 requires_dcmtk = pytest.mark.skipif(
     shutil.which("dcmsend") is None,
     reason="DCMTK (dcmsend) is not installed; `make test` installs it",
@@ -134,6 +148,53 @@ def make_ct_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def tissue_segment(number: int, label: str, display_color: Any = None) -> Any:
+    """A MANUAL SEG segment coded as SCT Tissue (what the tests need, nothing more)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue,
+        algorithm_type="MANUAL",
+        display_color=display_color,
+    )
+
+
+def write_segmentation(
+    path: Path,
+    sources: list[pydicom.Dataset],
+    pixel_array: Any,
+    segments: list[Any],
+    *,
+    segmentation_type: str = "BINARY",
+    **attributes: Any,
+) -> Any:
+    """Build a highdicom SEG over `sources` with fresh UIDs, save it to `path`, return it."""
+    import highdicom as hd
+
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array,
+        segmentation_type=segmentation_type,
+        segment_descriptions=segments,
+        series_instance_uid=generate_uid(),
+        series_number=2,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="kp-gateway tests",
+        manufacturer_model_name="tests",
+        software_versions="0",
+        device_serial_number="0",
+        **attributes,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path)
+    return seg
 
 
 @pytest.fixture(scope="session")

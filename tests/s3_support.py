@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,17 @@ def isolate_aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 def unique_bucket(stem: str = "kp") -> str:
     """A fresh bucket name, so tests sharing one moto server never see each other's objects."""
     return f"{stem}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Autouse wherever imported: no developer ~/.aws or AWS_* variable leaks into a test."""
+    isolate_aws_environment(monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def moto_s3() -> Iterator[MotoS3]:
+    """A moto server of this test's own (outage tests stop and restart it)."""
+    server = MotoS3().start()
+    yield server
+    server.stop()

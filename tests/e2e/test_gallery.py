@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from tests.integration.test_series_stages import (
     Harness,
     Series,
@@ -26,17 +27,6 @@ from tests.integration.test_series_stages import (
 )
 from tests.integration.test_series_stages import harness as harness
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.browser,

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +33,15 @@ from tests.conftest import (
     run_dcmsend,
     wait_until,
 )
-from tests.s3_support import MotoS3, isolate_aws_environment, unique_bucket
+from tests.s3_support import MotoS3, unique_bucket
+from tests.s3_support import isolated_aws_env as isolated_aws_env
+from tests.s3_support import moto_s3 as moto_s3
 
 pytestmark = [pytest.mark.e2e, requires_dcmtk]
 
 KEY_THUMBNAIL = "00000000 ThumbnailInstanceUID_keyword"
 KEY_VALIDATION = "00111001 ValidationResults_object"
 VALIDATION_DATE = "00111004 ValidationDate_datetime"
-
-
-@pytest.fixture(autouse=True)
-def _aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_aws_environment(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def moto_s3() -> Iterator[MotoS3]:
-    """A moto server of this test's own (outage tests stop and restart it)."""
-    server = MotoS3().start()
-    yield server
-    server.stop()
 
 
 def s3_settings(server: MotoS3, bucket: str) -> dict[str, Any]:

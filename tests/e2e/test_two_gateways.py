@@ -41,7 +41,9 @@ from tests.conftest import (
 )
 from tests.e2e.test_s3_backend import dataset_bytes_of, download, s3_settings, sop_uid
 from tests.opensearch_standin import Standin
-from tests.s3_support import MotoS3, isolate_aws_environment, unique_bucket
+from tests.s3_support import MotoS3, unique_bucket
+from tests.s3_support import isolated_aws_env as isolated_aws_env
+from tests.s3_support import moto_s3 as moto_s3
 
 pytestmark = [pytest.mark.e2e, requires_dcmtk]
 
@@ -77,18 +79,6 @@ class StandinThread:
             self._thread.join(timeout=10)
             if not self._thread.is_alive():
                 self._loop.close()
-
-
-@pytest.fixture(autouse=True)
-def _aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_aws_environment(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def moto_s3() -> Iterator[MotoS3]:
-    server = MotoS3().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

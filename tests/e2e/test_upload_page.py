@@ -11,20 +11,8 @@ from pathlib import Path
 import pytest
 
 from kp_gateway.config import Config
-from tests.conftest import REPO, make_ct_series
+from tests.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, make_ct_series
 from tests.integration.test_upload import upload_gateway
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = REPO / "test-artifacts"
 
 pytestmark = [
     pytest.mark.browser,

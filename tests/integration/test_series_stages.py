@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-import highdicom as hd
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -43,6 +41,7 @@ from kp_gateway.pipeline.series_stages import (
     KEY_THUMBNAIL_STRATEGY,
     SeriesPostProcessor,
 )
+from tests.conftest import tissue_segment, write_segmentation
 
 DCMSEND = shutil.which("dcmsend")
 DCIODVFY = shutil.which("dciodvfy")
@@ -156,32 +155,14 @@ def make_seg(directory: Path, ct: Series, slices: Sequence[int] = (4, 5)) -> Ser
     mask = np.zeros((len(sources), SIZE, SIZE), dtype=bool)
     for index in slices:
         mask[index, 16:40, 20:44] = True
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=mask,
-        segmentation_type="BINARY",
-        segment_descriptions=[
-            hd.seg.SegmentDescription(
-                segment_number=1,
-                segment_label="square",
-                segmented_property_category=codes.SCT.Tissue,
-                segmented_property_type=codes.SCT.Tissue,
-                algorithm_type="MANUAL",
-            )
-        ],
-        series_instance_uid=generate_uid(),
-        series_number=2,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="kp-gateway tests",
-        manufacturer_model_name="integration",
-        software_versions="0",
-        device_serial_number="0",
+    path = directory / "seg.dcm"
+    seg = write_segmentation(
+        path,
+        sources,
+        mask,
+        [tissue_segment(1, "square")],
         series_description="square segmentation",
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "seg.dcm"
-    seg.save_as(path)
     return Series(str(seg.SeriesInstanceUID), [path], [str(seg.SOPInstanceUID)])
 
 

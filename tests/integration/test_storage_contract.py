@@ -14,7 +14,8 @@ from kp_gateway.backends.base import StorageBackend
 from kp_gateway.backends.fs import FsStorage
 from kp_gateway.backends.s3 import S3Storage
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
-from tests.s3_support import MotoS3, isolate_aws_environment, unique_bucket
+from tests.s3_support import MotoS3, unique_bucket
+from tests.s3_support import isolated_aws_env as isolated_aws_env
 
 MiB = 1 << 20
 
@@ -25,11 +26,6 @@ def moto_s3() -> Iterator[MotoS3]:
     server = MotoS3().start()
     yield server
     server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_aws_environment(monkeypatch, tmp_path)
 
 
 def make_s3(endpoint: str, bucket: str, **kw: object) -> S3Storage:

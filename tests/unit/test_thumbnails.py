@@ -8,7 +8,6 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -18,7 +17,6 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.sr.codedict import codes
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -30,6 +28,7 @@ from pydicom.uid import (
 )
 
 from kp_gateway.thumbnails import Thumbnail, referenced_series_uid, render_series_thumbnail
+from tests.conftest import tissue_segment, write_segmentation
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SIZE = 64  # rows and columns of the synthetic CT slices
@@ -161,32 +160,11 @@ def _seg(
         for index in slices:
             mask[index, rows, columns, column] = True
     descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=f"segment {number}",
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Tissue,
-            algorithm_type="MANUAL",
-            display_color=(colours or {}).get(number),
-        )
+        tissue_segment(number, f"segment {number}", (colours or {}).get(number))
         for number in sorted(labelled)
     ]
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=mask,
-        segmentation_type="BINARY",
-        segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(),
-        series_number=2,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="kp-gateway tests",
-        manufacturer_model_name="unit",
-        software_versions="0",
-        device_serial_number="0",
-    )
     path = directory / "seg.dcm"
-    seg.save_as(path)
+    write_segmentation(path, sources, mask, descriptions)
     return path
 
 
@@ -429,29 +407,13 @@ def test_render_series_thumbnail_seg_fractional_and_labelmap(
     probability = np.zeros((len(sources), SIZE, SIZE), dtype=np.float32)
     probability[6, 10:30, 10:30] = 0.9
     probability[2, 10:40, 10:40] = 0.2  # below half the maximum: not foreground
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=probability if segmentation_type == "FRACTIONAL" else probability > 0.5,
+    write_segmentation(
+        tmp_path / "seg.dcm",
+        sources,
+        probability if segmentation_type == "FRACTIONAL" else probability > 0.5,
+        [tissue_segment(1, "tissue")],
         segmentation_type=segmentation_type,
-        segment_descriptions=[
-            hd.seg.SegmentDescription(
-                segment_number=1,
-                segment_label="tissue",
-                segmented_property_category=codes.SCT.Tissue,
-                segmented_property_type=codes.SCT.Tissue,
-                algorithm_type="MANUAL",
-            )
-        ],
-        series_instance_uid=generate_uid(),
-        series_number=2,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="kp-gateway tests",
-        manufacturer_model_name="unit",
-        software_versions="0",
-        device_serial_number="0",
     )
-    seg.save_as(tmp_path / "seg.dcm")
     thumbnail = render_series_thumbnail([tmp_path / "seg.dcm"], reference_paths=ct_paths)
     assert thumbnail.strategy == "overlay-seg"
     assert thumbnail.source_sop_instance_uid == sources[6].SOPInstanceUID
