@@ -37,6 +37,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
 from kp_gateway.dicomutil import is_valid_uid, plausible_dataset_start
+from kp_gateway.dimse_fastpath import FastStoreResponseDIMSE
 from kp_gateway.errors import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -139,6 +140,8 @@ class _RequestHandler(RequestHandler):
         # connection to the state machine twice.
         sock.__class__ = CappedAssociationSocket
         sock.max_pdu_length = server.max_pdu_length
+        # Same for the DIMSE provider: plain C-STORE responses skip pydicom's encoder.
+        assoc.dimse.__class__ = FastStoreResponseDIMSE
         return assoc
 
 

@@ -32,6 +32,7 @@ from kp_gateway.errors import (
     ShuttingDownError,
 )
 from kp_gateway.model import StageOutcome
+from kp_gateway.pipeline.batchqueue import BatchQueue
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +75,10 @@ class Stage(Generic[T]):
     queue_size: int = 64
     batch_max: int = 1
     linger_s: float = 0.0
-    queue: asyncio.Queue[_Envelope[T]] = field(init=False)
+    queue: BatchQueue[_Envelope[T]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(maxsize=self.queue_size)
+        self.queue = BatchQueue(maxsize=self.queue_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +159,23 @@ class Pipeline(Generic[T]):
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
-        self.in_flight = 0
+        # Admission runs on association threads too, so the count has a lock.
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
         first = self.stages[0]
-        # The semaphore bounds the first stage; its asyncio queue need not.
+        # The semaphore bounds the first stage; its queue need not.
         self._slots = threading.Semaphore(first.queue_size)
         self._slot_freed = asyncio.Event()
-        first.queue = asyncio.Queue()
+        first.queue = BatchQueue()
+
+    @property
+    def in_flight(self) -> int:
+        """Items admitted and not yet finished or quarantined."""
+        return self._in_flight
+
+    def _count_in_flight(self, delta: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight += delta
 
     @property
     def accepting(self) -> bool:
@@ -172,7 +184,9 @@ class Pipeline(Generic[T]):
 
     def start(self) -> None:
         """Start the stage workers on the running loop."""
+        loop = asyncio.get_running_loop()
         for index, stage in enumerate(self.stages):
+            stage.queue.bind(loop)
             for n in range(stage.workers):
                 task = asyncio.create_task(
                     self._worker(index, stage), name=f"pipeline-{stage.name}-{n}"
@@ -212,13 +226,13 @@ class Pipeline(Generic[T]):
         item: T,
         *,
         timeout_s: float,
-        loop: asyncio.AbstractEventLoop,
         then: Callable[[T], None] | None = None,
     ) -> None:
         """Admit `item` from another thread, blocking that thread up to `timeout_s` for a slot.
 
-        Runs on any thread but the loop's. Once this returns, the item is counted and will be
-        enqueued by the loop (then `then(item)` runs there); it never waits for the loop.
+        Runs on any thread but the loop's. `then(item)` runs on the calling thread once the
+        slot is taken and before any stage can see the item (bookkeeping that must come first).
+        Never waits for the loop, and wakes it only when a stage worker waits for the item.
 
         Raises
         ------
@@ -229,20 +243,13 @@ class Pipeline(Generic[T]):
             raise ShuttingDownError("the gateway is shutting down")
         if not self._slots.acquire(timeout=timeout_s):
             raise PipelineFull(f"pipeline stayed full for {timeout_s:g} s")
-
-        def enqueue() -> None:
-            self._enqueue(item)
-            if then is not None:
-                then(item)
-
-        try:
-            loop.call_soon_threadsafe(enqueue)
-        except RuntimeError:  # the loop is closed
-            self._slots.release()
-            raise ShuttingDownError("the gateway is shutting down") from None
+        if then is not None:
+            then(item)
+        self._count_in_flight(1)
+        self.stages[0].queue.put_threadsafe(_Envelope(item))
 
     def _enqueue(self, item: T) -> None:
-        self.in_flight += 1
+        self._count_in_flight(1)
         self.stages[0].queue.put_nowait(_Envelope(item))
 
     def _release_slot(self) -> None:
@@ -256,33 +263,17 @@ class Pipeline(Generic[T]):
     async def _worker(self, index: int, stage: Stage[T]) -> None:
         next_queue = self.stages[index + 1].queue if index + 1 < len(self.stages) else None
         while True:
-            batch = [await stage.queue.get()]
-            deadline = time.monotonic() + stage.linger_s
-            while len(batch) < stage.batch_max:
-                try:
-                    batch.append(stage.queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        batch.append(await stage.queue.get())
-                except TimeoutError:
-                    break
+            batch = await stage.queue.get_batch(stage.batch_max, stage.linger_s)
             try:
                 await self._run_batch(stage, batch, next_queue, first=index == 0)
             finally:
-                for _ in batch:
-                    stage.queue.task_done()
+                stage.queue.task_done(len(batch))
 
     async def _run_batch(
         self,
         stage: Stage[T],
         batch: list[_Envelope[T]],
-        next_queue: asyncio.Queue[_Envelope[T]] | None,
+        next_queue: BatchQueue[_Envelope[T]] | None,
         *,
         first: bool,
     ) -> None:
@@ -308,7 +299,7 @@ class Pipeline(Generic[T]):
             if next_queue is not None:
                 await next_queue.put(env)
             else:
-                self.in_flight -= 1
+                self._count_in_flight(-1)
                 await self._finish(env.item)
             if first:
                 # Only now: while the next stage is full the slot stays taken (backpressure).
@@ -349,7 +340,7 @@ class Pipeline(Generic[T]):
             logger.error(
                 "stage %s gave up after %d attempts", stage.name, env.attempts, exc_info=exc
             )
-        self.in_flight -= 1
+        self._count_in_flight(-1)
         try:
             await self._on_quarantine(stage.name, env.item, exc)
         except Exception:

@@ -329,12 +329,11 @@ class IngestService:
 
         Runs on an association thread. Raises PipelineFull or ShuttingDownError.
         """
-        assert self.loop is not None
-        self.pipeline.submit_threadsafe(
-            item, timeout_s=timeout_s, loop=self.loop, then=self._admitted
-        )
+        self.pipeline.submit_threadsafe(item, timeout_s=timeout_s, then=self._admitted)
 
     def _admitted(self, item: IngestItem) -> None:
+        # On the association thread, before the item can settle: the tracker must count it
+        # ahead of the association's close, which reaches the loop later.
         self.tracker.source_item_admitted(item.routing.source_id)
 
     def call_from_thread(self, fn: Callable[[], None]) -> None:

@@ -2,7 +2,8 @@
 delivered to it has closed, all its items are indexed, and ``series_idle_s`` passed since the
 last one (CONTRACT section 3). Late instances re-open the series and it completes again.
 
-Runs on the event loop.
+Runs on the event loop, except :meth:`SeriesTracker.source_item_admitted`, which association
+threads call as they admit an item.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,29 +45,34 @@ class SeriesTracker:
         self._on_complete = on_complete
         self._clock = clock
         self._sources: dict[str, _SourceState] = {}
+        # Guards _sources: admissions are counted on association threads.
+        self._sources_lock = threading.Lock()
         self._series: dict[str, _SeriesState] = {}
         self._task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
 
     def source_item_admitted(self, source_id: str) -> None:
-        """An item of `source_id` entered the pipeline."""
-        self._sources.setdefault(source_id, _SourceState()).pending += 1
+        """An item of `source_id` entered the pipeline. Runs on any thread."""
+        with self._sources_lock:
+            self._sources.setdefault(source_id, _SourceState()).pending += 1
 
     def source_item_settled(self, source_id: str, series_uid: str | None) -> None:
         """An item of `source_id` left the pipeline (indexed, or quarantined with no series)."""
-        state = self._sources.setdefault(source_id, _SourceState())
-        state.pending = max(0, state.pending - 1)
+        with self._sources_lock:
+            state = self._sources.setdefault(source_id, _SourceState())
+            state.pending = max(0, state.pending - 1)
+            self._forget_source_if_done_locked(source_id)
         if series_uid is not None:
             series = self._series.setdefault(series_uid, _SeriesState(self._clock()))
             series.last_activity = self._clock()
             series.sources.add(source_id)
-        self._forget_source_if_done(source_id)
         self._wakeup.set()
 
     def source_closed(self, source_id: str) -> None:
         """The association was released or aborted, or the upload finished importing."""
-        self._sources.setdefault(source_id, _SourceState()).closed = True
-        self._forget_source_if_done(source_id)
+        with self._sources_lock:
+            self._sources.setdefault(source_id, _SourceState()).closed = True
+            self._forget_source_if_done_locked(source_id)
         self._wakeup.set()
 
     def track_existing(self, series_uid: str) -> None:
@@ -73,7 +80,7 @@ class SeriesTracker:
         self._series.setdefault(series_uid, _SeriesState(self._clock()))
         self._wakeup.set()
 
-    def _forget_source_if_done(self, source_id: str) -> None:
+    def _forget_source_if_done_locked(self, source_id: str) -> None:
         state = self._sources.get(source_id)
         if state is not None and state.closed and state.pending == 0:
             del self._sources[source_id]

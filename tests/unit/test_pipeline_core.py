@@ -196,14 +196,13 @@ async def test_submit_threadsafe_admits_without_the_loop_and_bounds() -> None:
 
     rec = Recorder()
     pipeline = make_pipeline([Stage("slow", blocked, workers=1, queue_size=3)], rec)
-    loop = asyncio.get_running_loop()
     seen: list[int] = []
 
     def producer() -> list[str]:
         outcomes = []
         for item in range(5):
             try:
-                pipeline.submit_threadsafe(item, timeout_s=0.05, loop=loop, then=seen.append)
+                pipeline.submit_threadsafe(item, timeout_s=0.05, then=seen.append)
                 outcomes.append("ok")
             except PipelineFull:
                 outcomes.append("full")
