@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import pynetdicom.association as pynetdicom_association
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -35,6 +34,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from kp_gateway import scp_reactor
 from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
 from kp_gateway.dicomutil import is_valid_uid, plausible_dataset_start
 from kp_gateway.dimse_fastpath import FastStoreResponseDIMSE
@@ -110,31 +110,10 @@ class CappedAssociationSocket(AssociationSocket):
         return buffer
 
 
-class _CappedSleep:
-    """Stands in for the ``time`` module inside pynetdicom.association.
-
-    pynetdicom's association reactor polls its queues with a hard-coded ``time.sleep(0.001)``;
-    at one sleep per DIMSE step that caps a single association at a few hundred small
-    C-STOREs per second. Capping each sleep at ``dicom.poll_interval_s`` removes that ceiling.
-    Everything else is the real ``time`` module.
-    """
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.interval_s))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
 class _RequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         server = cast(_Server, self.server)
-        # The DUL thread's idle step; pynetdicom documents the attribute in its run loop.
-        assoc.dul._run_loop_delay = server.poll_interval_s
         sock = cast(Any, assoc.dul.socket)
         # Re-class the wrapper pynetdicom just made: a second wrapper would announce the
         # connection to the state machine twice.
@@ -142,6 +121,8 @@ class _RequestHandler(RequestHandler):
         sock.max_pdu_length = server.max_pdu_length
         # Same for the DIMSE provider: plain C-STORE responses skip pydicom's encoder.
         assoc.dimse.__class__ = FastStoreResponseDIMSE
+        # Event-driven reactor threads: woken by data, idle checks every poll_interval_s.
+        scp_reactor.install(assoc, server.poll_interval_s)
         return assoc
 
 
@@ -150,7 +131,7 @@ class _Server(ThreadedAssociationServer):
 
     max_pdu_length = 64 << 20
     max_connections = 64
-    poll_interval_s = 0.001
+    poll_interval_s = 0.05
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if len(self.ae.active_associations) >= self.max_connections:
@@ -246,7 +227,7 @@ class Scp:
         server.max_pdu_length = self._cfg.max_pdu_length_bytes
         server.max_connections = self._cfg.max_associations * 2
         server.poll_interval_s = self._cfg.poll_interval_s
-        pynetdicom_association.time = _CappedSleep(self._cfg.poll_interval_s)  # type: ignore[assignment,attr-defined]
+        scp_reactor.install_clocks()
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="dicom-acceptor", daemon=True

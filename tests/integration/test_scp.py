@@ -267,3 +267,30 @@ async def test_receive_modes_store_identical_bytes(
     key = await gw.ingest.index.instance_key(sop)
     assert key is not None
     assert dataset_bytes(gw.cfg.data_dir / key) == dataset_bytes(path)
+
+
+async def test_reactor_threads_are_woken_not_polled(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """With a 3 s idle interval, C-STOREs, a release and a peer's abort still go at once.
+
+    Each C-STORE needs several hand-overs between an association's two threads; if any of them
+    waited for the idle interval instead of being woken, 30 instances would take minutes.
+    """
+    gw = await make_gateway(make_config(dicom__poll_interval_s=3.0))
+    paths = make_ct_series(tmp_path / "s", 30)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.to_thread(_store_all, gw, paths) == [0] * 30
+    assert loop.time() - started < 20  # polled: >= 30 * 3 s
+    await _wait_indexed(gw, 30)
+
+    assoc = await asyncio.to_thread(_associate, gw)
+    assert assoc.is_established
+    await asyncio.sleep(0.5)  # let both threads settle into their idle wait
+    started = loop.time()
+    await asyncio.to_thread(assoc.abort)
+    async with asyncio.timeout(10):
+        while gw.scp.ae.active_associations:
+            await asyncio.sleep(0.05)
+    assert loop.time() - started < 2.5  # within one idle interval: woken by the A-ABORT
