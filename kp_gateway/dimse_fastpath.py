@@ -1,4 +1,4 @@
-"""A hand-encoded C-STORE response for pynetdicom's DIMSE provider.
+"""Hand-encoded DIMSE fixtures on pynetdicom's C-STORE path: the response and the file meta.
 
 pynetdicom turns every response primitive into a pydicom Dataset and encodes it twice (once
 to measure the command group length, once to send). For a small instance that is about a fifth
@@ -8,14 +8,21 @@ implicit VR little endian (PS3.7 9.3.1.2 and E.1), so it is encoded here directl
 else, or a peer whose PDU limit the single fragment would exceed, or bound DIMSE-sent handlers
 (logging), goes through pynetdicom unchanged. A unit test checks the bytes against pynetdicom's
 own encoding.
+
+The same goes for the file meta header pynetdicom writes in front of each dataset it receives
+in chunked mode: it builds a pydicom FileMetaDataset and runs pydicom's generic writer for six
+fixed elements. :func:`install_file_meta_writer` swaps in an encoder of those elements; a unit
+test checks its bytes against pydicom's.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import IO, Any, NamedTuple
 
-from pynetdicom import evt
+import pynetdicom.dimse_messages as pynetdicom_dimse_messages
+from pydicom.filewriter import write_file_meta_info as pydicom_write_file_meta_info
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
@@ -99,4 +106,68 @@ class FastStoreResponseDIMSE(DIMSEServiceProvider):
         return encoded
 
 
-__all__ = ["FastStoreResponseDIMSE", "encode_store_response"]
+class PlainFileMeta(NamedTuple):
+    """What pynetdicom's ``create_file_meta`` puts in a received dataset's file meta."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID
+    implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION
+
+
+def _explicit(tag_element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":  # OB has a reserved field and a 4-byte length (PS3.5 7.1.2)
+        return struct.pack("<HH2s2xI", 0x0002, tag_element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, tag_element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def encode_file_meta(meta: PlainFileMeta) -> bytes:
+    """The file meta group (without preamble and prefix), explicit VR little endian."""
+    body = b"".join(
+        (
+            _explicit(0x0001, b"OB", b"\x00\x01"),
+            _explicit(0x0002, b"UI", _padded(meta.sop_class_uid, b"\x00")),
+            _explicit(0x0003, b"UI", _padded(meta.sop_instance_uid, b"\x00")),
+            _explicit(0x0010, b"UI", _padded(meta.transfer_syntax, b"\x00")),
+            _explicit(0x0012, b"UI", _padded(meta.implementation_uid, b"\x00")),
+            _explicit(0x0013, b"SH", _padded(meta.implementation_version, b" ")),
+        )
+    )
+    return _explicit(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _create_plain_file_meta(
+    *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **more: str
+) -> PlainFileMeta:
+    return PlainFileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax), **more)
+
+
+def _write_file_meta(fp: IO[bytes], file_meta: Any, enforce_standard: bool = True) -> None:
+    if isinstance(file_meta, PlainFileMeta):
+        fp.write(encode_file_meta(file_meta))
+    else:
+        pydicom_write_file_meta_info(fp, file_meta, enforce_standard)  # type: ignore[arg-type]
+
+
+def install_file_meta_writer() -> None:
+    """Make pynetdicom's chunked receive write file meta with :func:`encode_file_meta`.
+
+    Process-wide; both names are used only where a received C-STORE dataset is spooled.
+    """
+    pynetdicom_dimse_messages.create_file_meta = _create_plain_file_meta  # type: ignore[attr-defined,assignment]
+    pynetdicom_dimse_messages.write_file_meta_info = _write_file_meta  # type: ignore[attr-defined,assignment]
+
+
+__all__ = [
+    "FastStoreResponseDIMSE",
+    "PlainFileMeta",
+    "encode_file_meta",
+    "encode_store_response",
+    "install_file_meta_writer",
+]

@@ -37,7 +37,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from kp_gateway import scp_reactor
 from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
 from kp_gateway.dicomutil import is_valid_uid, plausible_dataset_start
-from kp_gateway.dimse_fastpath import FastStoreResponseDIMSE
+from kp_gateway.dimse_fastpath import FastStoreResponseDIMSE, install_file_meta_writer
 from kp_gateway.errors import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -190,6 +190,8 @@ class Scp:
         """Bind and serve on a background thread. Blocking (binds a socket)."""
         # Process-wide pynetdicom flags, set once here (pynetdicom has no per-AE switch).
         _config.STORE_RECV_CHUNKED_DATASET = self._cfg.receive_mode == "chunked"
+        # Each received dataset's file meta encoded directly, not by pydicom's generic writer.
+        install_file_meta_writer()
         # Private and newer storage SOP classes are storage too: accept them all.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         # Identifiers carry patient data: never log them.
