@@ -72,10 +72,20 @@ class BatchQueue(Generic[E]):
 
     async def put(self, item: E) -> None:
         """Append `item`, first waiting while the queue holds `maxsize` items. Loop only."""
+        await self.put_many([item])
+
+    async def put_many(self, items: list[E]) -> None:
+        """Append `items` once the queue holds fewer than `maxsize` (it may then exceed it by
+        at most ``len(items) - 1``: a batch is never split). Loop only."""
         while self.maxsize and len(self._items) >= self.maxsize:
             self._space.clear()
             await self._space.wait()
-        self.put_nowait(item)
+        with self._lock:
+            for item in items:
+                self._append_locked(item)
+            wake = self._should_wake_locked()
+        if wake:
+            self._ready.set()
 
     def put_threadsafe(self, item: E) -> None:
         """Append `item` from another thread; wakes the loop only when a consumer needs it.

@@ -252,8 +252,8 @@ class Pipeline(Generic[T]):
         self._count_in_flight(1)
         self.stages[0].queue.put_nowait(_Envelope(item))
 
-    def _release_slot(self) -> None:
-        self._slots.release()
+    def _release_slot(self, count: int = 1) -> None:
+        self._slots.release(count)
         self._slot_freed.set()
 
     def queue_depths(self) -> dict[str, int]:
@@ -296,14 +296,15 @@ class Pipeline(Generic[T]):
         )
         for env in batch:
             env.attempts = 0
-            if next_queue is not None:
-                await next_queue.put(env)
-            else:
-                self._count_in_flight(-1)
+        if next_queue is not None:
+            await next_queue.put_many(batch)
+        else:
+            self._count_in_flight(-len(batch))
+            for env in batch:
                 await self._finish(env.item)
-            if first:
-                # Only now: while the next stage is full the slot stays taken (backpressure).
-                self._release_slot()
+        if first:
+            # Only now: while the next stage is full the slots stay taken (backpressure).
+            self._release_slot(len(batch))
 
     async def _finish(self, item: T) -> None:
         try:
