@@ -157,9 +157,10 @@ class BatchQueue(Generic[E]):
     def task_done(self, count: int = 1) -> None:
         """`count` popped items were dealt with (for :meth:`join`). Loop only."""
         with self._lock:
-            self._unfinished -= count
-            if self._unfinished < 0:
+            # Checked first, as asyncio.Queue does: a refused call leaves the count intact.
+            if count > self._unfinished:
                 raise ValueError("task_done() called more often than items were put")
+            self._unfinished -= count
             done = self._unfinished == 0
         if done:
             self._all_done.set()
