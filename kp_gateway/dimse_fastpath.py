@@ -40,9 +40,7 @@ def _us(element: int, value: int) -> bytes:
 
 
 def _ui(element: int, uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    if len(raw) % 2:
-        raw += b"\x00"  # UI values are padded to even length with NUL (PS3.5 6.2)
+    raw = _padded(uid, b"\x00")  # UI values are padded to even length with NUL (PS3.5 6.2)
     return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
 
 

@@ -64,11 +64,7 @@ class BatchQueue(Generic[E]):
 
     def put_nowait(self, item: E) -> None:
         """Append `item` regardless of `maxsize`. Loop only."""
-        with self._lock:
-            self._append_locked(item)
-            wake = self._should_wake_locked()
-        if wake:
-            self._ready.set()
+        self._append_on_loop([item])
 
     async def put(self, item: E) -> None:
         """Append `item`, first waiting while the queue holds `maxsize` items. Loop only."""
@@ -80,6 +76,9 @@ class BatchQueue(Generic[E]):
         while self.maxsize and len(self._items) >= self.maxsize:
             self._space.clear()
             await self._space.wait()
+        self._append_on_loop(items)
+
+    def _append_on_loop(self, items: list[E]) -> None:
         with self._lock:
             for item in items:
                 self._append_locked(item)
