@@ -13,11 +13,18 @@ The same goes for the file meta header pynetdicom writes in front of each datase
 in chunked mode: it builds a pydicom FileMetaDataset and runs pydicom's generic writer for six
 fixed elements. :func:`install_file_meta_writer` swaps in an encoder of those elements; a unit
 test checks its bytes against pydicom's.
+
+And the file itself: pynetdicom creates it with ``tempfile.NamedTemporaryFile`` when the
+dataset's first fragment arrives, which waits for a journal transaction on the receive path.
+:func:`install_spool_file_factory` lets an association's DUL thread take a file created ahead
+of time instead (:class:`~kp_gateway.pipeline.spool.PrecreatedFiles`).
 """
 
 from __future__ import annotations
 
 import struct
+import tempfile
+import threading
 from typing import IO, Any, NamedTuple
 
 import pynetdicom.dimse_messages as pynetdicom_dimse_messages
@@ -26,6 +33,8 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+
+from kp_gateway.pipeline.spool import PrecreatedFiles
 
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
@@ -162,10 +171,36 @@ def install_file_meta_writer() -> None:
     pynetdicom_dimse_messages.write_file_meta_info = _write_file_meta  # type: ignore[attr-defined,assignment]
 
 
+_SPOOL_FILES = "_kp_spool_files"
+
+
+def use_precreated_files(dul: Any, spool_files: PrecreatedFiles) -> None:
+    """Datasets received by this DUL go into `spool_files`. Acceptor thread, before it starts."""
+    setattr(dul, _SPOOL_FILES, spool_files)
+
+
+def _named_temporary_file(**kwargs: Any) -> Any:
+    # pynetdicom calls this on the DUL thread of the association receiving the dataset.
+    spool_files: PrecreatedFiles | None = getattr(threading.current_thread(), _SPOOL_FILES, None)
+    if spool_files is None:
+        return tempfile.NamedTemporaryFile(**kwargs)  # pynetdicom closes and unlinks it
+    return spool_files.take()
+
+
+def install_spool_file_factory() -> None:
+    """Make pynetdicom's chunked receive take its files from :func:`use_precreated_files`.
+
+    Process-wide; associations without precreated files get ``NamedTemporaryFile`` as before.
+    """
+    pynetdicom_dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[attr-defined,assignment]
+
+
 __all__ = [
     "FastStoreResponseDIMSE",
     "PlainFileMeta",
     "encode_file_meta",
     "encode_store_response",
     "install_file_meta_writer",
+    "install_spool_file_factory",
+    "use_precreated_files",
 ]

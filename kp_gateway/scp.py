@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import threading
 import time
 import uuid
@@ -37,7 +36,12 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from kp_gateway import scp_reactor
 from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
 from kp_gateway.dicomutil import is_valid_uid, plausible_dataset_start
-from kp_gateway.dimse_fastpath import FastStoreResponseDIMSE, install_file_meta_writer
+from kp_gateway.dimse_fastpath import (
+    FastStoreResponseDIMSE,
+    install_file_meta_writer,
+    install_spool_file_factory,
+    use_precreated_files,
+)
 from kp_gateway.errors import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -48,6 +52,7 @@ from kp_gateway.errors import (
 from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.pipeline.spool import PrecreatedFiles
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,10 @@ _REASON_CALLED_AE_NOT_RECOGNISED = 0x07
 _REJECTED_TRANSIENT = 0x02
 _SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03
 _REASON_LOCAL_LIMIT_EXCEEDED = 0x02
+
+# Spool files kept created ahead of need (chunked receive): a few hundred milliseconds of
+# C-STOREs at full rate, a few open descriptors and write buffers.
+PRECREATED_SPOOL_FILES = 32
 
 
 def parse_called_ae(called_ae_title: str, default_project: str) -> str:
@@ -123,6 +132,8 @@ class _RequestHandler(RequestHandler):
         assoc.dimse.__class__ = FastStoreResponseDIMSE
         # Event-driven reactor threads: woken by data, idle checks every poll_interval_s.
         scp_reactor.install(assoc, server.poll_interval_s)
+        if server.spool_files is not None:
+            use_precreated_files(assoc.dul, server.spool_files)
         return assoc
 
 
@@ -132,6 +143,7 @@ class _Server(ThreadedAssociationServer):
     max_pdu_length = 64 << 20
     max_connections = 64
     poll_interval_s = 0.05
+    spool_files: PrecreatedFiles | None = None
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if len(self.ae.active_associations) >= self.max_connections:
@@ -159,7 +171,7 @@ class Scp:
         self._lock = threading.Lock()
         self._free_checked_at = 0.0
         self._free_ok = True
-        self._previous_tempdir: str | None = None
+        self._spool_files: PrecreatedFiles | None = None
         # Bound once: label lookups on every C-STORE add up at hundreds per second.
         self._received_bytes = metrics.received_bytes
         self._received_instances = metrics.instances_total.labels(source="dicom")
@@ -190,8 +202,10 @@ class Scp:
         """Bind and serve on a background thread. Blocking (binds a socket)."""
         # Process-wide pynetdicom flags, set once here (pynetdicom has no per-AE switch).
         _config.STORE_RECV_CHUNKED_DATASET = self._cfg.receive_mode == "chunked"
-        # Each received dataset's file meta encoded directly, not by pydicom's generic writer.
+        # Each received dataset's file meta encoded directly, not by pydicom's generic writer,
+        # into a spool file created ahead of time.
         install_file_meta_writer()
+        install_spool_file_factory()
         # Private and newer storage SOP classes are storage too: accept them all.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         # Identifiers carry patient data: never log them.
@@ -201,12 +215,12 @@ class Scp:
         # (a few per cent of the receiving interpreter); bind them only when it would show.
         pynetdicom_logs = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
         _config.LOG_HANDLER_LEVEL = "standard" if pynetdicom_logs else "none"
-        spool_tmp = self._ingest.spool.tmp
-        spool_tmp.mkdir(parents=True, exist_ok=True)
-        # pynetdicom's chunked receive writes to tempfile's directory; ours is on the data
-        # filesystem, so the spool commit is a rename, never a copy.
-        self._previous_tempdir = tempfile.tempdir
-        tempfile.tempdir = str(spool_tmp)
+        spool = self._ingest.spool
+        spool.tmp.mkdir(parents=True, exist_ok=True)
+        if self._cfg.receive_mode == "chunked":
+            # On the data filesystem, so the spool commit is a rename, never a copy.
+            self._spool_files = spool.precreated_files(PRECREATED_SPOOL_FILES)
+            self._spool_files.start()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ESTABLISHED, self.handle_established),
@@ -229,6 +243,7 @@ class Scp:
         server.max_pdu_length = self._cfg.max_pdu_length_bytes
         server.max_connections = self._cfg.max_associations * 2
         server.poll_interval_s = self._cfg.poll_interval_s
+        server.spool_files = self._spool_files
         scp_reactor.install_clocks()
         self._server = server
         self._thread = threading.Thread(
@@ -255,7 +270,9 @@ class Scp:
         await asyncio.to_thread(self.ae.shutdown)
         server.server_close()
         self._server = None
-        tempfile.tempdir = self._previous_tempdir
+        if self._spool_files is not None:
+            await asyncio.to_thread(self._spool_files.stop)
+            self._spool_files = None
 
     # -- association lifecycle (association threads) -------------------------------------
 

@@ -16,10 +16,14 @@ Functions are blocking; association threads call them directly, the loop via to_
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -141,6 +145,10 @@ class Spool:
                 shutil.rmtree(folder, ignore_errors=True)
         return found
 
+    def precreated_files(self, depth: int) -> PrecreatedFiles:
+        """A reserve of empty files in ``tmp/`` for received datasets (not started)."""
+        return PrecreatedFiles(self.tmp, depth)
+
     def quarantine_file(self, stage: str, path: Path) -> Path | None:
         """Move a spool file that kept failing to ``quarantine/<stage>/``. Blocking."""
         target_dir = self.quarantine / stage
@@ -155,3 +163,109 @@ class Spool:
         if routing.exists():
             shutil.copyfile(routing, target.with_suffix(".routing.json"))
         return target
+
+
+class SpoolFile:
+    """An open, empty spool file: what pynetdicom's chunked receive writes a dataset into.
+
+    Has the parts of ``tempfile.NamedTemporaryFile`` pynetdicom uses: ``name``, ``file``,
+    ``write`` and ``close``.
+    """
+
+    __slots__ = ("file", "name")
+
+    def __init__(self, name: str, file: io.BufferedWriter) -> None:
+        self.name = name
+        self.file = file
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return self.file.write(data)
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _create_spool_file(directory: Path) -> SpoolFile:
+    path = str(directory / f"{uuid.uuid4().hex}.part")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    return SpoolFile(path, open(fd, "wb"))
+
+
+class PrecreatedFiles:
+    """Empty spool files created ahead of need, so receiving a dataset never waits to create one.
+
+    Creating a file costs a journal transaction; on the data filesystem, next to the fsyncs of
+    the receive path and the pipeline, that measured 0.5 to 1 ms per file, about a quarter of
+    the time one small C-STORE takes on one association. A thread keeps up to `depth` files
+    ready; :meth:`take` hands one out without a system call and creates one in place only
+    when the reserve is empty. The files are ordinary ``tmp/*.part`` files: a crash leaves
+    them to :meth:`Spool.create`, which deletes them at the next start.
+
+    :meth:`start` and :meth:`stop` run on any thread (stop joins the filling thread);
+    :meth:`take` runs on the thread that receives a dataset.
+    """
+
+    def __init__(self, directory: Path, depth: int) -> None:
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        self.directory = directory
+        self._ready: queue.Queue[SpoolFile] = queue.Queue(maxsize=depth)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.created_in_place = 0  # times take() found the reserve empty
+
+    def start(self) -> None:
+        """Start filling the reserve. Blocking only to start a thread."""
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._fill, name="spool-precreate", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                spool_file = _create_spool_file(self.directory)
+            except OSError:
+                # Disk trouble shows on the receive path itself (created in place); retry calmly.
+                logger.exception("could not pre-create a spool file in %s", self.directory)
+                self._stopping.wait(1.0)
+                continue
+            while True:
+                try:
+                    self._ready.put(spool_file, timeout=0.5)
+                    break
+                except queue.Full:
+                    if self._stopping.is_set():
+                        self._discard(spool_file)
+                        return
+
+    def take(self) -> SpoolFile:
+        """An open, empty file in the spool's ``tmp/``, the caller's to write, close and move.
+
+        Runs on any thread. Raises OSError when a file has to be created and cannot be.
+        """
+        try:
+            return self._ready.get_nowait()
+        except queue.Empty:
+            self.created_in_place += 1
+            return _create_spool_file(self.directory)
+
+    def stop(self) -> None:
+        """Stop the filling thread and delete the files nobody took. Blocking."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        while True:
+            try:
+                self._discard(self._ready.get_nowait())
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _discard(spool_file: SpoolFile) -> None:
+        spool_file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(spool_file.name)
