@@ -52,7 +52,7 @@ from kp_gateway.errors import (
 from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.ingest import IngestService
-from kp_gateway.pipeline.spool import PrecreatedFiles
+from kp_gateway.pipeline.spool import PrecreatedFiles, SpoolFile
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,11 @@ class Scp:
         return ae
 
     @property
+    def precreated_files(self) -> PrecreatedFiles | None:
+        """The reserve of spool files received datasets go into (chunked mode, once started)."""
+        return self._spool_files
+
+    @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
         assert self._server is not None
@@ -217,6 +222,7 @@ class Scp:
         _config.LOG_HANDLER_LEVEL = "standard" if pynetdicom_logs else "none"
         spool = self._ingest.spool
         spool.tmp.mkdir(parents=True, exist_ok=True)
+        spool.receiving.mkdir(parents=True, exist_ok=True)
         if self._cfg.receive_mode == "chunked":
             # On the data filesystem, so the spool commit is a rename, never a copy.
             self._spool_files = spool.precreated_files(PRECREATED_SPOOL_FILES)
@@ -406,19 +412,10 @@ class Scp:
     def _spool(self, event: evt.Event, folder: Path, transfer_syntax: str) -> tuple[Path, int]:
         spool = self._ingest.spool
         if self._cfg.receive_mode == "chunked":
-            received = Path(event.dataset_path)
-            # One descriptor for the sniff and the fsync: this runs once per C-STORE.
-            fd = os.open(received, os.O_RDONLY)
-            try:
-                size = os.fstat(fd).st_size
-                head, dataset_start = _dataset_head(fd)
-                if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
-                    raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
-                if spool.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            return spool.commit_file(received, folder, already_synced=True), size
+            received = cast(Any, event.request)._dataset_file
+            if isinstance(received, SpoolFile):
+                return self._commit_spool_file(received, folder, transfer_syntax)
+            return self._commit_received_path(Path(event.dataset_path), folder, transfer_syntax)
         data = event.encoded_dataset(include_meta=True)
         dataset_length = len(cast(Any, event.request).DataSet.getbuffer())
         meta_end = len(data) - dataset_length
@@ -427,16 +424,74 @@ class Scp:
             raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
         return spool.write_file(data, folder), len(data)
 
+    def _commit_spool_file(
+        self, received: SpoolFile, folder: Path, transfer_syntax: str
+    ) -> tuple[Path, int]:
+        # The usual case: a precreated file, still open, whose first bytes are in memory.
+        spool = self._ingest.spool
+        head, dataset_start = received_dataset_head(received)
+        if not plausible_dataset_start(head, transfer_syntax, received.size - dataset_start):
+            raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+        if spool.fsync:
+            received.fsync()
+        else:
+            received.flush()
+        return spool.commit_file(received.name, folder, already_synced=True), received.size
 
-def _dataset_head(fd: int) -> tuple[bytes, int]:
-    """The first 16 bytes of the dataset in a Part-10 file pynetdicom wrote, and its offset."""
-    # (0002,0000) UL, explicit VR little endian, is always the first element after "DICM".
-    group_length = os.pread(fd, 12, 128 + 4)
-    if len(group_length) < 12:
+    def _commit_received_path(
+        self, received: Path, folder: Path, transfer_syntax: str
+    ) -> tuple[Path, int]:
+        # A file pynetdicom created itself (no precreated file was handed to this association).
+        spool = self._ingest.spool
+        # One descriptor for the sniff and the fsync: this runs once per C-STORE.
+        fd = os.open(received, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            head, dataset_start = _dataset_head_from_file(fd)
+            if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
+                raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+            if spool.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return spool.commit_file(received, folder, already_synced=True), size
+
+
+# A Part-10 file: 128-byte preamble, "DICM", then (0002,0000) UL in explicit VR little endian.
+_GROUP_LENGTH_AT = 128 + 4
+_GROUP_LENGTH_ELEMENT = 12
+
+
+def _dataset_head(part10_head: bytes) -> tuple[bytes, int]:
+    """The first (up to) 16 bytes of the dataset in the start of a Part-10 file, and where the
+    dataset starts. Pure."""
+    element = part10_head[_GROUP_LENGTH_AT : _GROUP_LENGTH_AT + _GROUP_LENGTH_ELEMENT]
+    if len(element) < _GROUP_LENGTH_ELEMENT:
         return b"", 0
-    (meta_length,) = struct.unpack("<I", group_length[8:12])
-    start = 128 + 4 + 12 + meta_length
+    (meta_length,) = struct.unpack("<I", element[8:12])
+    start = _GROUP_LENGTH_AT + _GROUP_LENGTH_ELEMENT + meta_length
+    return part10_head[start : start + 16], start
+
+
+def received_dataset_head(received: SpoolFile) -> tuple[bytes, int]:
+    """The first (up to) 16 bytes of the dataset in a spool file pynetdicom wrote, and where
+    the dataset starts; from the bytes kept in memory when they reach that far. Blocking only
+    when the file meta is longer than :attr:`SpoolFile.HEAD_BYTES` (not one pynetdicom writes).
+    """
+    head, start = _dataset_head(received.head)
+    if len(head) < 16 and start + len(head) < received.size:
+        received.flush()
+        return _dataset_head_from_file(received.fd)
+    return head, start
+
+
+def _dataset_head_from_file(fd: int) -> tuple[bytes, int]:
+    """As :func:`_dataset_head`, read from a Part-10 file. Blocking."""
+    element = os.pread(fd, _GROUP_LENGTH_ELEMENT, _GROUP_LENGTH_AT)
+    if len(element) < _GROUP_LENGTH_ELEMENT:
+        return b"", 0
+    _, start = _dataset_head(bytes(_GROUP_LENGTH_AT) + element)
     return os.pread(fd, 16, start), start
 
 
-__all__ = ["Scp", "parse_called_ae", "parse_calling_ae"]
+__all__ = ["Scp", "parse_called_ae", "parse_calling_ae", "received_dataset_head"]

@@ -2,10 +2,12 @@
 
 Layout under ``<data dir>/spool``::
 
-    tmp/                         pynetdicom's chunked receive files, *.part files
+    tmp/                         *.part files being written, scratch folders
+    receiving/                   empty files made ahead for pynetdicom's chunked receive,
+                                 and the datasets being received into them
     incoming/<source id>/        one folder per association or upload
         routing.json             project, dataset, AE titles (written once, fsynced)
-        <uuid>.dcm               acknowledged instances, fsynced file and folder
+        <name>.dcm               acknowledged instances, fsynced file and folder
 
 An instance is acknowledged (C-STORE 0x0000, upload accepted) only once its file and folder are
 fsynced here; it is deleted only after the index committed it. Anything found here at start-up
@@ -17,7 +19,7 @@ Functions are blocking; association threads call them directly, the loop via to_
 from __future__ import annotations
 
 import contextlib
-import io
+import itertools
 import json
 import logging
 import os
@@ -35,6 +37,16 @@ logger = logging.getLogger(__name__)
 
 ROUTING_FILE = "routing.json"
 
+# Spool file names: random per process, then a counter. uuid4() per file would be a getrandom
+# system call on the receive path (and another release of the GIL there).
+_NAME_PREFIX = uuid.uuid4().hex[:16]
+_name_counter = itertools.count()
+
+
+def unique_name() -> str:
+    """A file name unique across processes and restarts. Thread-safe (itertools.count)."""
+    return f"{_NAME_PREFIX}{next(_name_counter):012x}"
+
 
 class Spool:
     """The spool folders of one data directory."""
@@ -42,16 +54,17 @@ class Spool:
     def __init__(self, data_dir: Path, *, fsync: bool = True) -> None:
         self.root = data_dir / "spool"
         self.tmp = self.root / "tmp"
+        self.receiving = self.root / "receiving"
         self.incoming = self.root / "incoming"
         self.quarantine = data_dir / "quarantine"
         self.fsync = fsync
 
     def create(self) -> None:
         """Create the folders. Blocking."""
-        for path in (self.tmp, self.incoming, self.quarantine):
+        for path in (self.tmp, self.receiving, self.incoming, self.quarantine):
             path.mkdir(parents=True, exist_ok=True)
         # Leftover partial files and scratch folders were never acknowledged: drop them.
-        for leftover in self.tmp.iterdir():
+        for leftover in (*self.tmp.iterdir(), *self.receiving.iterdir()):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -73,7 +86,7 @@ class Spool:
             fsync_dir(self.incoming)
         return folder
 
-    def commit_file(self, src: Path, folder: Path, *, already_synced: bool = False) -> Path:
+    def commit_file(self, src: Path | str, folder: Path, *, already_synced: bool = False) -> Path:
         """fsync `src` and move it into `folder` under a fresh name, durably. Blocking.
 
         `src` must be on the spool's filesystem (``tmp/``), so the move is an atomic rename.
@@ -84,7 +97,7 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        dst = folder / f"{uuid.uuid4().hex}.dcm"
+        dst = folder / f"{unique_name()}.dcm"
         os.rename(src, dst)
         if self.fsync:
             fsync_dir(folder)
@@ -92,7 +105,7 @@ class Spool:
 
     def write_file(self, data: bytes | memoryview, folder: Path) -> Path:
         """Write `data` as a new spooled instance, durably. Blocking."""
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        tmp = self.tmp / f"{unique_name()}.part"
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -146,8 +159,8 @@ class Spool:
         return found
 
     def precreated_files(self, depth: int) -> PrecreatedFiles:
-        """A reserve of empty files in ``tmp/`` for received datasets (not started)."""
-        return PrecreatedFiles(self.tmp, depth)
+        """A reserve of empty files in ``receiving/`` for received datasets (not started)."""
+        return PrecreatedFiles(self.receiving, depth)
 
     def quarantine_file(self, stage: str, path: Path) -> Path | None:
         """Move a spool file that kept failing to ``quarantine/<stage>/``. Blocking."""
@@ -168,30 +181,91 @@ class Spool:
 class SpoolFile:
     """An open, empty spool file: what pynetdicom's chunked receive writes a dataset into.
 
-    Has the parts of ``tempfile.NamedTemporaryFile`` pynetdicom uses: ``name``, ``file``,
-    ``write`` and ``close``.
+    Has the parts of ``tempfile.NamedTemporaryFile`` pynetdicom uses (``name``, ``write``,
+    ``file.flush()``, ``close``) without a buffered file object: pynetdicom flushes after every
+    PDV, so writes are gathered until that flush and go to the descriptor in one ``writev``,
+    and creating one costs a single ``open``. Every system call here releases the receiving
+    interpreter's GIL, which the association threads then compete for again.
+
+    It also keeps the first :attr:`HEAD_BYTES` written, so the receive path can check how the
+    dataset starts without reading the file back, and counts the bytes written.
+    Used by one thread at a time (the DUL thread writes, then the association thread commits).
     """
 
-    __slots__ = ("file", "name")
+    HEAD_BYTES = 1024
+    # Gathered writes are flushed earlier than asked when they reach either bound.
+    _MAX_PENDING_BYTES = 1 << 20
+    _MAX_PENDING_BUFFERS = 64
 
-    def __init__(self, name: str, file: io.BufferedWriter) -> None:
+    __slots__ = ("_pending", "_pending_bytes", "fd", "head", "name", "size")
+
+    def __init__(self, name: str, fd: int) -> None:
         self.name = name
-        self.file = file
+        self.fd = fd
+        self.size = 0
+        self.head = b""
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    @property
+    def file(self) -> SpoolFile:
+        """pynetdicom flushes ``file``; here that is this object."""
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        return self.file.write(data)
+        """Queue `data` for the next flush. Raises ValueError when closed, OSError on I/O."""
+        if self.fd < 0:
+            raise ValueError(f"write to closed spool file {self.name}")
+        chunk = data if type(data) is bytes else bytes(data)
+        if len(self.head) < self.HEAD_BYTES:
+            self.head += chunk[: self.HEAD_BYTES - len(self.head)]
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        self.size += len(chunk)
+        if (
+            self._pending_bytes >= self._MAX_PENDING_BYTES
+            or len(self._pending) >= self._MAX_PENDING_BUFFERS
+        ):
+            self.flush()
+        return len(chunk)
 
-    def fileno(self) -> int:
-        return self.file.fileno()
+    def flush(self) -> None:
+        """Write what was queued to the descriptor. Raises OSError."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        total, self._pending_bytes = self._pending_bytes, 0
+        written = os.writev(self.fd, pending)
+        if written < total:  # a short write (a signal, a full disk): finish it or raise
+            rest = memoryview(b"".join(pending))[written:]
+            while rest:
+                rest = rest[os.write(self.fd, rest) :]
+
+    def fsync(self) -> None:
+        """Flush and fsync the file's data and size. Blocking; raises OSError."""
+        self.flush()
+        os.fsync(self.fd)
 
     def close(self) -> None:
-        self.file.close()
+        """Flush and close; closing twice is allowed (pynetdicom closes after our handler)."""
+        if self.fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def _create_spool_file(directory: Path) -> SpoolFile:
-    path = str(directory / f"{uuid.uuid4().hex}.part")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    return SpoolFile(path, open(fd, "wb"))
+    path = str(directory / f"{unique_name()}.part")
+    # Read and write: the receive path may read the head back (see scp.received_dataset_head).
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    return SpoolFile(path, os.open(path, flags, 0o600))
 
 
 class PrecreatedFiles:
@@ -241,8 +315,13 @@ class PrecreatedFiles:
                         self._discard(spool_file)
                         return
 
+    @property
+    def available(self) -> int:
+        """Files ready to be taken (the filling thread may hold one more, waiting for room)."""
+        return self._ready.qsize()
+
     def take(self) -> SpoolFile:
-        """An open, empty file in the spool's ``tmp/``, the caller's to write, close and move.
+        """An open, empty file in the reserve's directory, the caller's to write, close, move.
 
         Runs on any thread. Raises OSError when a file has to be created and cannot be.
         """
@@ -266,6 +345,7 @@ class PrecreatedFiles:
 
     @staticmethod
     def _discard(spool_file: SpoolFile) -> None:
-        spool_file.close()
+        with contextlib.suppress(OSError):
+            spool_file.close()
         with contextlib.suppress(OSError):
             os.unlink(spool_file.name)

@@ -17,8 +17,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from kp_gateway.app import RunningGateway
-from tests.conftest import make_ct_series
+from kp_gateway.app import RunningGateway, running
+from kp_gateway.scp import PRECREATED_SPOOL_FILES
+from tests.conftest import dataset_bytes, make_ct_series
 
 CT = str(CTImageStorage)
 
@@ -257,8 +258,6 @@ async def test_receive_modes_store_identical_bytes(
     mode: str, make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
 ) -> None:
     """Both receive paths store the dataset bytes exactly as sent."""
-    from tests.conftest import dataset_bytes
-
     gw = await make_gateway(make_config(dicom__receive_mode=mode))
     path = make_ct_series(tmp_path / "s", 1, rows=128)[0]
     assert await asyncio.to_thread(_store_all, gw, [path]) == [0]
@@ -294,3 +293,28 @@ async def test_reactor_threads_are_woken_not_polled(
         while gw.scp.ae.active_associations:
             await asyncio.sleep(0.05)
     assert loop.time() - started < 2.5  # within one idle interval: woken by the A-ABORT
+
+
+async def test_received_datasets_go_into_precreated_spool_files(
+    make_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A C-STORE takes a spool file made ahead of time; none is left in the spool at stop."""
+    cfg = make_config()
+    paths = make_ct_series(tmp_path / "s", 5, rows=64)
+    async with running(cfg) as gw:
+        reserve = gw.scp.precreated_files
+        assert reserve is not None
+        async with asyncio.timeout(10):
+            while reserve.available < PRECREATED_SPOOL_FILES:
+                await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(_store_all, gw, paths) == [0] * 5
+        await _wait_indexed(gw, 5)
+        assert reserve.created_in_place == 0  # every dataset went into a precreated file
+        for path in paths:
+            key = await gw.ingest.index.instance_key(str(pydicom.dcmread(path).SOPInstanceUID))
+            assert key is not None
+            assert dataset_bytes(cfg.data_dir / key) == dataset_bytes(path)
+        receiving = gw.ingest.spool.receiving
+        assert len(list(receiving.iterdir())) >= PRECREATED_SPOOL_FILES
+        assert list(gw.ingest.spool.tmp.iterdir()) == []
+    assert list(receiving.iterdir()) == []

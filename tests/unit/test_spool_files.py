@@ -1,0 +1,155 @@
+"""Spool files for pynetdicom's chunked receive: gathered writes, head, precreated reserve."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from kp_gateway.pipeline.spool import PrecreatedFiles, SpoolFile, unique_name
+from kp_gateway.scp import received_dataset_head
+
+
+def _open_spool_file(path: Path) -> SpoolFile:
+    return SpoolFile(str(path), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _wait_for(predicate: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def test_spool_file_writes_what_pynetdicom_writes_at_its_flush(tmp_path: Path) -> None:
+    """Writes wait for ``file.flush()`` (as pynetdicom calls it), then land in order."""
+    path = tmp_path / "a.part"
+    spool_file = _open_spool_file(path)
+    spool_file.write(b"\x00" * 128)
+    spool_file.write(b"DICM")
+    spool_file.write(bytearray(b"meta"))
+    assert path.read_bytes() == b""  # gathered, not written yet
+    spool_file.file.flush()
+    assert path.read_bytes() == b"\x00" * 128 + b"DICMmeta"
+    spool_file.write(memoryview(b"dataset"))
+    spool_file.close()
+    spool_file.close()  # pynetdicom closes again after our handler
+    assert path.read_bytes() == b"\x00" * 128 + b"DICMmetadataset"
+    assert spool_file.size == 128 + 4 + 4 + 7
+    assert spool_file.closed
+    with pytest.raises(ValueError, match="closed"):
+        spool_file.write(b"late")
+
+
+def test_spool_file_keeps_only_its_first_bytes_in_memory(tmp_path: Path) -> None:
+    spool_file = _open_spool_file(tmp_path / "b.part")
+    payload = bytes(range(256)) * 40  # 10 KiB, in uneven pieces
+    for start in range(0, len(payload), 700):
+        spool_file.write(payload[start : start + 700])
+    spool_file.fsync()
+    assert spool_file.head == payload[: SpoolFile.HEAD_BYTES]
+    assert spool_file.size == len(payload)
+    spool_file.close()
+    assert (tmp_path / "b.part").read_bytes() == payload
+
+
+def test_spool_file_flushes_early_past_its_bounds(tmp_path: Path) -> None:
+    """Large or many writes without a flush still reach the file: memory stays bounded."""
+    path = tmp_path / "c.part"
+    spool_file = _open_spool_file(path)
+    big = b"x" * (2 << 20)
+    spool_file.write(big)
+    assert path.stat().st_size == len(big)
+    for _ in range(64):
+        spool_file.write(b"y")
+    assert path.stat().st_size == len(big) + 64
+    spool_file.close()
+
+
+def test_precreated_files_fill_the_reserve_and_hand_out_open_files(tmp_path: Path) -> None:
+    reserve = PrecreatedFiles(tmp_path, depth=4)
+    reserve.start()
+    try:
+        _wait_for(lambda: reserve.available == 4)
+        taken = reserve.take()
+        assert Path(taken.name).parent == tmp_path
+        assert stat.S_IMODE(os.stat(taken.name).st_mode) == 0o600
+        assert os.stat(taken.name).st_size == 0
+        taken.write(b"received")
+        taken.close()
+        assert Path(taken.name).read_bytes() == b"received"
+        # The reserve is topped up again; the file handed out is the caller's.
+        _wait_for(lambda: reserve.available == 4)
+        assert reserve.created_in_place == 0
+        # Ready files, at most one more in the filling thread's hands, and the one taken.
+        assert 5 <= len(list(tmp_path.glob("*.part"))) <= 6
+    finally:
+        reserve.stop()
+    # Untaken files are deleted at stop; the one taken stays with its owner.
+    assert [p.name for p in tmp_path.glob("*.part")] == [Path(taken.name).name]
+
+
+def test_precreated_files_create_in_place_when_the_reserve_is_empty(tmp_path: Path) -> None:
+    reserve = PrecreatedFiles(tmp_path, depth=2)  # not started: the reserve stays empty
+    first, second = reserve.take(), reserve.take()
+    assert reserve.created_in_place == 2
+    assert first.name != second.name
+    for spool_file in (first, second):
+        spool_file.close()
+        assert Path(spool_file.name).exists()
+    with pytest.raises(ValueError, match="depth"):
+        PrecreatedFiles(tmp_path, depth=0)
+
+
+def test_precreated_files_report_an_unwritable_directory(tmp_path: Path) -> None:
+    reserve = PrecreatedFiles(tmp_path / "missing", depth=2)
+    with pytest.raises(FileNotFoundError):
+        reserve.take()
+
+
+def test_unique_names_do_not_repeat() -> None:
+    names = {unique_name() for _ in range(10_000)}
+    assert len(names) == 10_000
+
+
+def _part10(path: Path, private_information: bytes = b"") -> bytes:
+    """A small Part-10 file as pydicom writes it; a long file meta with `private_information`."""
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if private_information:
+        ds.file_meta.PrivateInformationCreatorUID = "1.2.3"
+        ds.file_meta.PrivateInformation = private_information
+    ds.PatientName = "Head^Test"
+    ds.PatientID = "P1"
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("meta_padding", [0, 3000])
+def test_received_dataset_head_with_short_and_long_file_meta(
+    tmp_path: Path, meta_padding: int
+) -> None:
+    """The dataset's first bytes, from memory, or read back when the meta outgrows the head."""
+    data = _part10(tmp_path / "in.dcm", b"\x01" * meta_padding)
+    # The dataset's first element is (0010,0010) PatientName, explicit VR little endian.
+    start = data.index(b"\x10\x00\x10\x00PN")
+    spool_file = SpoolFile(
+        str(tmp_path / "rx.part"), os.open(tmp_path / "rx.part", os.O_RDWR | os.O_CREAT, 0o600)
+    )
+    for offset in range(0, len(data), 100):  # as PDV fragments arrive
+        spool_file.write(data[offset : offset + 100])
+    head, dataset_start = received_dataset_head(spool_file)
+    spool_file.close()
+    assert dataset_start == start
+    assert head == data[start : start + 16]
+    assert (meta_padding > SpoolFile.HEAD_BYTES) == (dataset_start > SpoolFile.HEAD_BYTES)
