@@ -37,7 +37,7 @@ from kp_gateway import scp_reactor
 from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
 from kp_gateway.dicomutil import is_valid_uid, plausible_dataset_start
 from kp_gateway.dimse_fastpath import (
-    FastStoreResponseDIMSE,
+    FastStoreDIMSE,
     install_file_meta_writer,
     install_spool_file_factory,
     use_precreated_files,
@@ -128,8 +128,8 @@ class _RequestHandler(RequestHandler):
         # connection to the state machine twice.
         sock.__class__ = CappedAssociationSocket
         sock.max_pdu_length = server.max_pdu_length
-        # Same for the DIMSE provider: plain C-STORE responses skip pydicom's encoder.
-        assoc.dimse.__class__ = FastStoreResponseDIMSE
+        # Same for the DIMSE provider: plain C-STORE requests and responses skip pydicom.
+        assoc.dimse.__class__ = FastStoreDIMSE
         # Event-driven reactor threads: woken by data, idle checks every poll_interval_s.
         scp_reactor.install(assoc, server.poll_interval_s)
         if server.spool_files is not None:
