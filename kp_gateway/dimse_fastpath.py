@@ -159,6 +159,13 @@ class _IncomingStore:
         self.file = file
 
 
+def _delete_received_file(received: Any) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        received.close()
+    with contextlib.suppress(OSError):
+        os.unlink(received.name)
+
+
 class FastStoreDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider with plain C-STORE requests and responses coded directly.
 
@@ -191,7 +198,7 @@ class FastStoreDIMSE(DIMSEServiceProvider):
             if value[0] & 1 or context_id != incoming.context_id:
                 # A command while a data set is expected: pynetdicom aborts on a message it
                 # cannot decode; do the same (Evt19, invalid PDU).
-                self._drop_incoming()
+                self.discard_incoming()
                 self.dul.event_queue.put("Evt19")
                 return
             incoming.file.write(value[1:])
@@ -229,13 +236,16 @@ class FastStoreDIMSE(DIMSEServiceProvider):
         self._incoming = None
         self.msg_queue.put((incoming.context_id, request))
 
-    def _drop_incoming(self) -> None:
+    def discard_incoming(self) -> None:
+        """Delete the spool file of a data set that will never complete (the association
+        ended or broke the protocol mid-transfer), whichever path was receiving it. Runs on
+        the DUL thread."""
         incoming, self._incoming = self._incoming, None
         if incoming is not None:
-            with contextlib.suppress(OSError):
-                incoming.file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(incoming.file.name)
+            _delete_received_file(incoming.file)
+        message, self.message = self.message, None
+        if message is not None and message._data_set_file is not None:
+            _delete_received_file(message._data_set_file)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         encoded = self._plain_store_response(primitive)

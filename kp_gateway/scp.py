@@ -134,6 +134,9 @@ class _RequestHandler(RequestHandler):
         scp_reactor.install(assoc, server.poll_interval_s)
         if server.spool_files is not None:
             use_precreated_files(assoc.dul, server.spool_files)
+        # On the DUL thread as it ends (the only thread writing received data sets): a data set
+        # cut off by an abort or a dropped connection leaves no spool file behind.
+        scp_reactor.add_exit_callback(assoc.dul, cast(FastStoreDIMSE, assoc.dimse).discard_incoming)
         return assoc
 
 

@@ -24,6 +24,7 @@ the reactor threads they belong to.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import select
@@ -35,6 +36,8 @@ from typing import Any
 
 import pynetdicom.association as pynetdicom_association
 import pynetdicom.dul as pynetdicom_dul
+
+logger = logging.getLogger(__name__)
 
 _DUL_WAITER = "_kp_dul_waiter"
 _ASSOCIATION_WAITER = "_kp_association_waiter"
@@ -96,21 +99,17 @@ class DulWaiter:
         dul.to_provider_queue = _WakingQueue(self._wake_from_other_thread)
         # The pipe goes with the thread; the finalizer covers a DUL that never ran.
         weakref.finalize(dul, self._pipe.close)
-        run_reactor = dul.run_reactor
         kill_dul = dul.kill_dul
 
-        def run_reactor_then_close() -> None:
-            try:
-                run_reactor()
-            finally:
-                self._pipe.close()
-                on_exit()  # the association thread waits for this thread to end
+        def close_and_wake() -> None:
+            self._pipe.close()
+            on_exit()  # the association thread waits for this thread to end
 
         def kill_dul_and_wake() -> None:
             kill_dul()
             self._pipe.wake()
 
-        dul.run_reactor = run_reactor_then_close
+        add_exit_callback(dul, close_and_wake)
         dul.kill_dul = kill_dul_and_wake
 
     def _wake_from_other_thread(self) -> None:
@@ -163,6 +162,31 @@ class AssociationWaiter:
         self._event.clear()
 
 
+class ExitingDUL(pynetdicom_dul.DULServiceProvider):
+    """pynetdicom's DUL whose thread runs the callbacks given to :func:`add_exit_callback` as
+    it ends, on that thread. Installed by re-classing (the thread's target, bound when the
+    DUL was made, cannot be wrapped afterwards)."""
+
+    _kp_exit_callbacks: tuple[Callable[[], None], ...] = ()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            for callback in self._kp_exit_callbacks:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("DUL exit callback failed")
+
+
+def add_exit_callback(dul: Any, callback: Callable[[], None]) -> None:
+    """Run `callback` on `dul`'s thread when it ends. Before the DUL starts; any thread."""
+    if not isinstance(dul, ExitingDUL):
+        dul.__class__ = ExitingDUL
+    dul._kp_exit_callbacks = (*dul._kp_exit_callbacks, callback)
+
+
 class _ReactorClock:
     """Stands in for the ``time`` module inside pynetdicom.association or pynetdicom.dul."""
 
@@ -194,4 +218,11 @@ def install(assoc: Any, idle_s: float) -> None:
     setattr(assoc.dul, _DUL_WAITER, DulWaiter(assoc.dul, idle_s, association_waiter.wake))
 
 
-__all__ = ["AssociationWaiter", "DulWaiter", "install", "install_clocks"]
+__all__ = [
+    "AssociationWaiter",
+    "DulWaiter",
+    "ExitingDUL",
+    "add_exit_callback",
+    "install",
+    "install_clocks",
+]

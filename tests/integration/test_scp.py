@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from kp_gateway.app import RunningGateway, running
@@ -318,3 +322,52 @@ async def test_received_datasets_go_into_precreated_spool_files(
         assert len(list(receiving.iterdir())) >= PRECREATED_SPOOL_FILES
         assert list(gw.ingest.spool.tmp.iterdir()) == []
     assert list(receiving.iterdir()) == []
+
+
+class _SmallPduDIMSE(DIMSEServiceProvider):
+    @property
+    def maximum_pdu_size(self) -> int:
+        return 16384
+
+
+async def test_association_aborted_mid_dataset_leaves_no_spool_file(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """A peer that aborts while its data set is arriving leaves nothing in the spool."""
+    gw = await make_gateway(make_config())
+    receiving = gw.ingest.spool.receiving
+    path = make_ct_series(tmp_path / "s", 1, rows=2048)[0]  # 8 MiB: several PDUs
+    dataset = pydicom.dcmread(path)
+    assoc = await asyncio.to_thread(_associate, gw)
+    assert assoc.is_established
+    # We accept any PDU size; make this SCU send 16 KiB PDUs, 2 ms apart, so the data set
+    # takes about a second.
+    assoc.dimse.__class__ = _SmallPduDIMSE
+    send_pdu = assoc.dul.send_pdu
+    aborting = threading.Event()
+
+    def paced_send_pdu(primitive: Any) -> None:
+        if isinstance(primitive, P_DATA):
+            time.sleep(0.002)
+            if aborting.is_set():  # pynetdicom's sending thread would trip over the abort
+                return
+        send_pdu(primitive)
+
+    assoc.dul.send_pdu = paced_send_pdu
+    sending = asyncio.create_task(asyncio.to_thread(assoc.send_c_store, dataset))
+
+    def partial_files() -> list[Path]:
+        return [p for p in receiving.iterdir() if p.stat().st_size > 0]
+
+    async with asyncio.timeout(20):
+        while not partial_files():
+            await asyncio.sleep(0.001)
+    aborting.set()
+    await asyncio.to_thread(assoc.abort)
+    await asyncio.gather(sending, return_exceptions=True)
+    # Deleted by the association's DUL thread as it ends.
+    async with asyncio.timeout(10):
+        while gw.scp.ae.active_associations or partial_files():
+            await asyncio.sleep(0.05)
+    assert not any(gw.ingest.spool.incoming.rglob("*.dcm"))
+    assert await gw.ingest.index.instance_key(str(dataset.SOPInstanceUID)) is None

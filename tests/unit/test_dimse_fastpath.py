@@ -276,13 +276,16 @@ def test_unusual_commands_are_left_to_pynetdicom(case: str) -> None:
 
 @pytest.fixture
 def no_pynetdicom_logging() -> Iterator[None]:
-    """Associations made meanwhile get no logging handlers, as when the gateway's log is quiet."""
-    level = _config.LOG_HANDLER_LEVEL
+    """Associations made meanwhile get no logging handlers, as when the gateway's log is quiet;
+    pynetdicom's own path decodes in memory (an in-process gateway may have left its chunked
+    mode on: the flag is process-wide)."""
+    flags = (_config.LOG_HANDLER_LEVEL, _config.STORE_RECV_CHUNKED_DATASET)
     _config.LOG_HANDLER_LEVEL = "none"
+    _config.STORE_RECV_CHUNKED_DATASET = False
     try:
         yield
     finally:
-        _config.LOG_HANDLER_LEVEL = level
+        _config.LOG_HANDLER_LEVEL, _config.STORE_RECV_CHUNKED_DATASET = flags
 
 
 def fast_provider(tmp_path: Path) -> tuple[Any, Association, PrecreatedFiles]:
