@@ -45,6 +45,7 @@ from kp_gateway.dimse_fastpath import (
 from kp_gateway.errors import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
+    BackendUnavailableError,
     InvalidDicomError,
     PipelineFull,
     dimse_status_for,
@@ -432,14 +433,22 @@ class Scp:
     ) -> tuple[Path, int]:
         # The usual case: a precreated file, still open, whose first bytes are in memory.
         spool = self._ingest.spool
-        head, dataset_start = received_dataset_head(received)
-        if not plausible_dataset_start(head, transfer_syntax, received.size - dataset_start):
-            raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
-        if spool.fsync:
-            received.fsync()
-        else:
-            received.flush()
-        return spool.commit_file(received.name, folder, already_synced=True), received.size
+        try:
+            if received.error is not None:
+                raise received.error
+            head, dataset_start = received_dataset_head(received)
+            if not plausible_dataset_start(head, transfer_syntax, received.size - dataset_start):
+                raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+            if spool.fsync:
+                received.fsync()
+            else:
+                received.flush()
+                if received.error is not None:
+                    raise received.error
+            return spool.commit_file(received.name, folder, already_synced=True), received.size
+        except OSError as exc:
+            # A full or failing disk: out of resources (0xA700), the sender may retry.
+            raise BackendUnavailableError(f"spooling the received data set failed: {exc}") from exc
 
     def _commit_received_path(
         self, received: Path, folder: Path, transfer_syntax: str

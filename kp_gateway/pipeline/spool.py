@@ -188,7 +188,10 @@ class SpoolFile:
     interpreter's GIL, which the association threads then compete for again.
 
     It also keeps the first :attr:`HEAD_BYTES` written, so the receive path can check how the
-    dataset starts without reading the file back, and counts the bytes written.
+    dataset starts without reading the file back, and counts the bytes written. A failed write
+    (a full disk) is kept in :attr:`error` rather than raised on the DUL thread, where it would
+    end the association without an answer; the rest of the data set is then counted, not
+    written, and the receive path answers 0xA700.
     Used by one thread at a time (the DUL thread writes, then the association thread commits).
     """
 
@@ -197,13 +200,14 @@ class SpoolFile:
     _MAX_PENDING_BYTES = 1 << 20
     _MAX_PENDING_BUFFERS = 64
 
-    __slots__ = ("_pending", "_pending_bytes", "fd", "head", "name", "size")
+    __slots__ = ("_pending", "_pending_bytes", "error", "fd", "head", "name", "size")
 
     def __init__(self, name: str, fd: int) -> None:
         self.name = name
         self.fd = fd
         self.size = 0
         self.head = b""
+        self.error: OSError | None = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
@@ -216,8 +220,19 @@ class SpoolFile:
     def closed(self) -> bool:
         return self.fd < 0
 
+    @classmethod
+    def failed(cls, name: str, error: OSError) -> SpoolFile:
+        """A spool file that could not even be created: it counts what is written, keeps
+        nothing and reports `error` like a failed write."""
+        spool_file = cls(name, -1)
+        spool_file.error = error
+        return spool_file
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Queue `data` for the next flush. Raises ValueError when closed, OSError on I/O."""
+        """Queue `data` for the next flush. Raises ValueError when closed."""
+        if self.error is not None:
+            self.size += len(data)
+            return len(data)
         if self.fd < 0:
             raise ValueError(f"write to closed spool file {self.name}")
         chunk = data if type(data) is bytes else bytes(data)
@@ -234,20 +249,28 @@ class SpoolFile:
         return len(chunk)
 
     def flush(self) -> None:
-        """Write what was queued to the descriptor. Raises OSError."""
+        """Write what was queued to the descriptor; a failure goes to :attr:`error`."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         total, self._pending_bytes = self._pending_bytes, 0
-        written = os.writev(self.fd, pending)
-        if written < total:  # a short write (a signal, a full disk): finish it or raise
-            rest = memoryview(b"".join(pending))[written:]
-            while rest:
-                rest = rest[os.write(self.fd, rest) :]
+        if self.error is not None:
+            return  # the file is lost already; only the size is still counted
+        try:
+            written = os.writev(self.fd, pending)
+            if written < total:  # a short write (a signal, a full disk): finish it or fail
+                rest = memoryview(b"".join(pending))[written:]
+                while rest:
+                    rest = rest[os.write(self.fd, rest) :]
+        except OSError as exc:
+            self.error = exc
 
     def fsync(self) -> None:
-        """Flush and fsync the file's data and size. Blocking; raises OSError."""
+        """Flush and fsync the file's data and size. Blocking; raises OSError, also the one
+        kept from an earlier write."""
         self.flush()
+        if self.error is not None:
+            raise self.error
         os.fsync(self.fd)
 
     def close(self) -> None:
@@ -323,13 +346,19 @@ class PrecreatedFiles:
     def take(self) -> SpoolFile:
         """An open, empty file in the reserve's directory, the caller's to write, close, move.
 
-        Runs on any thread. Raises OSError when a file has to be created and cannot be.
+        Runs on any thread. Never raises: a file that cannot be created comes back with its
+        :attr:`SpoolFile.error` set.
         """
         try:
             return self._ready.get_nowait()
         except queue.Empty:
             self.created_in_place += 1
+        try:
             return _create_spool_file(self.directory)
+        except OSError as exc:
+            # Raising here would end the receiving thread; the receive path answers 0xA700.
+            logger.error("could not create a spool file in %s: %s", self.directory, exc)
+            return SpoolFile.failed(str(self.directory / f"{unique_name()}.part"), exc)
 
     def stop(self) -> None:
         """Stop the filling thread and delete the files nobody took. Blocking."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -22,6 +23,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from kp_gateway.app import RunningGateway, running
+from kp_gateway.pipeline.spool import SpoolFile
 from kp_gateway.scp import PRECREATED_SPOOL_FILES
 from tests.conftest import dataset_bytes, make_ct_series
 
@@ -371,3 +373,26 @@ async def test_association_aborted_mid_dataset_leaves_no_spool_file(
             await asyncio.sleep(0.05)
     assert not any(gw.ingest.spool.incoming.rglob("*.dcm"))
     assert await gw.ingest.index.instance_key(str(dataset.SOPInstanceUID)) is None
+
+
+async def test_spool_write_failure_answers_a700_and_keeps_nothing(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """A spool file that cannot be written (here: /dev/full) is out of resources, not a crash."""
+    gw = await make_gateway(make_config())
+    reserve = gw.scp.precreated_files
+    assert reserve is not None
+
+    names = iter(range(1000))
+
+    def full_disk_file() -> SpoolFile:  # fault injection: a disk with no space left
+        # A link of our own: pynetdicom unlinks the file's name after the handler.
+        full = tmp_path / f"full-{next(names)}"
+        full.symlink_to("/dev/full")
+        return SpoolFile(str(full), os.open(full, os.O_WRONLY))
+
+    reserve.take = full_disk_file  # type: ignore[method-assign]
+    paths = make_ct_series(tmp_path / "s", 2, rows=64)
+    assert await asyncio.to_thread(_store_all, gw, paths) == [0xA700, 0xA700]
+    assert not any(gw.ingest.spool.incoming.rglob("*.dcm"))
+    assert await gw.ingest.index.list_datasets("admin") == []

@@ -109,9 +109,16 @@ def test_precreated_files_create_in_place_when_the_reserve_is_empty(tmp_path: Pa
 
 
 def test_precreated_files_report_an_unwritable_directory(tmp_path: Path) -> None:
+    """A file that cannot be created comes back failed (the receive path answers 0xA700)."""
     reserve = PrecreatedFiles(tmp_path / "missing", depth=2)
+    spool_file = reserve.take()
+    assert isinstance(spool_file.error, FileNotFoundError)
+    spool_file.write(b"x" * 10)
+    spool_file.flush()
+    assert spool_file.size == 10
     with pytest.raises(FileNotFoundError):
-        reserve.take()
+        spool_file.fsync()
+    spool_file.close()
 
 
 def test_unique_names_do_not_repeat() -> None:
@@ -153,3 +160,19 @@ def test_received_dataset_head_with_short_and_long_file_meta(
     assert dataset_start == start
     assert head == data[start : start + 16]
     assert (meta_padding > SpoolFile.HEAD_BYTES) == (dataset_start > SpoolFile.HEAD_BYTES)
+
+
+def test_spool_file_keeps_a_write_error_for_the_receive_path(tmp_path: Path) -> None:
+    """A full disk does not raise on the DUL thread; the error waits for the fsync."""
+    full = tmp_path / "full"
+    full.symlink_to("/dev/full")
+    spool_file = SpoolFile(str(full), os.open(full, os.O_WRONLY))
+    spool_file.write(b"\x00" * 132)
+    spool_file.flush()  # ENOSPC, kept
+    assert isinstance(spool_file.error, OSError)
+    spool_file.write(b"more")  # still counted, no longer written
+    spool_file.flush()
+    assert spool_file.size == 136
+    with pytest.raises(OSError, match="No space left"):
+        spool_file.fsync()
+    spool_file.close()
