@@ -396,3 +396,25 @@ async def test_spool_write_failure_answers_a700_and_keeps_nothing(
     assert await asyncio.to_thread(_store_all, gw, paths) == [0xA700, 0xA700]
     assert not any(gw.ingest.spool.incoming.rglob("*.dcm"))
     assert await gw.ingest.index.list_datasets("admin") == []
+
+
+async def test_dataset_spooled_by_pynetdicom_itself_is_committed_too(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """Without precreated files (pynetdicom's own temporary file), the same bytes are stored.
+
+    The fallback for a pynetdicom whose chunked receive no longer takes our files.
+    """
+    gw = await make_gateway(make_config())
+    server = gw.scp._server
+    assert server is not None
+    server.spool_files = None  # new associations get no precreated files
+    paths = make_ct_series(tmp_path / "s", 2, rows=64)
+    assert await asyncio.to_thread(_store_all, gw, paths) == [0, 0]
+    await _wait_indexed(gw, 2)
+    reserve = gw.scp.precreated_files
+    assert reserve is not None and reserve.created_in_place == 0
+    for path in paths:
+        key = await gw.ingest.index.instance_key(str(pydicom.dcmread(path).SOPInstanceUID))
+        assert key is not None
+        assert dataset_bytes(gw.cfg.data_dir / key) == dataset_bytes(path)
