@@ -179,25 +179,27 @@ class FastStoreDIMSE(DIMSEServiceProvider):
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         values = primitive.presentation_data_value_list
-        if self.message is None and self._incoming is None:
-            if not values or not self._start_store(*values[0]):
-                super().receive_primitive(primitive)
-                return
-            values = values[1:]
-        elif self._incoming is None:
-            super().receive_primitive(primitive)  # pynetdicom is decoding a message
-            return
-        for index, (context_id, value) in enumerate(values):
+        index = 0
+        while index < len(values):
             incoming = self._incoming
             if incoming is None:
-                # The data set ended within this P-DATA and another message starts.
-                rest = P_DATA()
-                rest.presentation_data_value_list.extend(values[index:])
-                self.receive_primitive(rest)
-                return
+                if self.message is not None or not self._start_store(*values[index]):
+                    # pynetdicom decodes the rest (it serves the first message it completes
+                    # and drops whatever follows in the same P-DATA).
+                    if index:
+                        rest = P_DATA()
+                        rest.presentation_data_value_list.extend(values[index:])
+                        primitive = rest
+                    super().receive_primitive(primitive)
+                    return
+                index += 1
+                continue
+            context_id, value = values[index]
+            index += 1
             if value[0] & 1 or context_id != incoming.context_id:
-                # A command while a data set is expected: pynetdicom aborts on a message it
-                # cannot decode; do the same (Evt19, invalid PDU).
+                # A command, or data on another presentation context, while a data set is
+                # arriving: the peer broke PS3.8 E.2; abort (Evt19, invalid PDU) rather than
+                # guess which message the bytes belong to.
                 self.discard_incoming()
                 self.dul.event_queue.put("Evt19")
                 return

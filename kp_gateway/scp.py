@@ -455,18 +455,22 @@ class Scp:
     ) -> tuple[Path, int]:
         # A file pynetdicom created itself (no precreated file was handed to this association).
         spool = self._ingest.spool
-        # One descriptor for the sniff and the fsync: this runs once per C-STORE.
-        fd = os.open(received, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
-            head, dataset_start = _dataset_head_from_file(fd)
-            if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
-                raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
-            if spool.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return spool.commit_file(received, folder, already_synced=True), size
+            # One descriptor for the sniff and the fsync: this runs once per C-STORE.
+            fd = os.open(received, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                head, dataset_start = _dataset_head_from_file(fd)
+                if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
+                    raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+                if spool.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            return spool.commit_file(received, folder, already_synced=True), size
+        except OSError as exc:
+            # A full or failing disk, or pynetdicom's file on another filesystem: 0xA700.
+            raise BackendUnavailableError(f"spooling the received data set failed: {exc}") from exc
 
 
 # A Part-10 file: 128-byte preamble, "DICM", then (0002,0000) UL in explicit VR little endian.

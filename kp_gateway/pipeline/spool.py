@@ -100,7 +100,13 @@ class Spool:
         dst = folder / f"{unique_name()}.dcm"
         os.rename(src, dst)
         if self.fsync:
-            fsync_dir(folder)
+            try:
+                fsync_dir(folder)
+            except OSError:
+                # Not durable, so not acknowledged: it must not be recovered at the next start.
+                with contextlib.suppress(OSError):
+                    os.unlink(dst)
+                raise
         return dst
 
     def write_file(self, data: bytes | memoryview, folder: Path) -> Path:
@@ -272,6 +278,15 @@ class SpoolFile:
         if self.error is not None:
             raise self.error
         os.fsync(self.fd)
+
+    def __del__(self) -> None:
+        # Still open when dropped: a received data set that was never served (the association
+        # ended between receiving and handling it). Give back the descriptor and the file.
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
 
     def close(self) -> None:
         """Flush and close; closing twice is allowed (pynetdicom closes after our handler)."""

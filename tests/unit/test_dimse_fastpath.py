@@ -403,3 +403,19 @@ def test_pynetdicom_decodes_without_spool_files_or_with_a_receive_handler(
     assert received._dataset_file is None
     assert received.DataSet.getvalue() == DATASET
     assert list(tmp_path.iterdir()) == []
+
+
+def test_many_requests_in_one_pdata_are_all_queued(
+    no_pynetdicom_logging: None, tmp_path: Path
+) -> None:
+    """A peer packing a thousand small C-STOREs into one P-DATA gets each one served."""
+    provider, assoc, _ = fast_provider(tmp_path)
+    combined = P_DATA()
+    for message_id in range(1, 1201):
+        for pdata in request_pdata(store_request(message_id=message_id)):
+            combined.presentation_data_value_list.extend(pdata.presentation_data_value_list)
+    provider.receive_primitive(combined)
+    received = [assoc.dimse.msg_queue.get_nowait()[1] for _ in range(1200)]
+    assert [rq.MessageID for rq in received] == list(range(1, 1201))
+    for rq in received:
+        rq._dataset_file.close()

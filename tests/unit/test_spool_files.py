@@ -12,7 +12,8 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from kp_gateway.pipeline.spool import PrecreatedFiles, SpoolFile, unique_name
+from kp_gateway.pipeline import spool as spool_module
+from kp_gateway.pipeline.spool import PrecreatedFiles, Spool, SpoolFile, unique_name
 from kp_gateway.scp import received_dataset_head
 
 
@@ -176,3 +177,35 @@ def test_spool_file_keeps_a_write_error_for_the_receive_path(tmp_path: Path) -> 
     with pytest.raises(OSError, match="No space left"):
         spool_file.fsync()
     spool_file.close()
+
+
+def test_spool_file_dropped_unserved_gives_back_descriptor_and_file(tmp_path: Path) -> None:
+    """A received data set nobody served (its association ended first) leaks nothing."""
+    path = tmp_path / "unserved.part"
+    spool_file = _open_spool_file(path)
+    spool_file.write(b"data")
+    fd = spool_file.fd
+    del spool_file
+    assert not path.exists()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_commit_that_cannot_be_made_durable_leaves_nothing_to_recover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the folder's fsync fails, the renamed file goes: it was never acknowledged."""
+    spool = Spool(tmp_path)
+    spool.create()
+    folder = spool.incoming / "source"
+    folder.mkdir()
+    src = spool.tmp / "x.part"
+    src.write_bytes(b"bytes")
+
+    def failing_fsync_dir(path: Path) -> None:  # fault injection: the disk fails the fsync
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "fsync_dir", failing_fsync_dir)
+    with pytest.raises(OSError, match="Input/output"):
+        spool.commit_file(src, folder)
+    assert list(folder.iterdir()) == []
