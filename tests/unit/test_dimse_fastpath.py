@@ -288,15 +288,20 @@ def no_pynetdicom_logging() -> Iterator[None]:
         _config.LOG_HANDLER_LEVEL, _config.STORE_RECV_CHUNKED_DATASET = flags
 
 
-def fast_provider(tmp_path: Path) -> tuple[Any, Association, PrecreatedFiles]:
-    """An unstarted acceptor association with one accepted context, re-classed as in scp.py."""
-    provider, assoc = make_provider()
-    assert not assoc.get_handlers(evt.EVT_DIMSE_RECV), "use the no_pynetdicom_logging fixture"
+def accept_ct_context(assoc: Association) -> None:
+    """Context 1 accepted: CT Image Storage in explicit VR little endian."""
     context = PresentationContext()
     context.context_id = 1
     context.abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"
     context.transfer_syntax = ["1.2.840.10008.1.2.1"]
     assoc._accepted_cx = {1: context}
+
+
+def fast_provider(tmp_path: Path) -> tuple[Any, Association, PrecreatedFiles]:
+    """An unstarted acceptor association with one accepted context, re-classed as in scp.py."""
+    provider, assoc = make_provider()
+    assert not assoc.get_handlers(evt.EVT_DIMSE_RECV), "use the no_pynetdicom_logging fixture"
+    accept_ct_context(assoc)
     spool_files = PrecreatedFiles(tmp_path, depth=1)
     use_precreated_files(assoc.dul, spool_files)
     return provider, assoc, spool_files
@@ -305,11 +310,7 @@ def fast_provider(tmp_path: Path) -> tuple[Any, Association, PrecreatedFiles]:
 def pynetdicom_received_file(rq: C_STORE, tmp_path: Path, max_pdu: int) -> bytes:
     """What pynetdicom's own chunked receive writes for the same request."""
     assoc = Association(AE(), MODE_ACCEPTOR)
-    context = PresentationContext()
-    context.context_id = 1
-    context.abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"
-    context.transfer_syntax = ["1.2.840.10008.1.2.1"]
-    assoc._accepted_cx = {1: context}
+    accept_ct_context(assoc)
     chunked = _config.STORE_RECV_CHUNKED_DATASET
     _config.STORE_RECV_CHUNKED_DATASET = True
     try:
