@@ -26,6 +26,7 @@ from kp_gateway.archive import ArchiveLimits
 from kp_gateway.backends import make_index, make_storage
 from kp_gateway.config import Config
 from kp_gateway.convert.importer import NiftiUploadImporter
+from kp_gateway.dicom.scp import Scp
 from kp_gateway.errors import ConfigError
 from kp_gateway.http import Health, load_or_create_token, make_app
 from kp_gateway.metrics import Metrics
@@ -33,7 +34,6 @@ from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from kp_gateway.pipeline.series_stages import make_process_pool as make_series_pool
 from kp_gateway.pipeline.spool import Spool
-from kp_gateway.scp import Scp
 from kp_gateway.upload import UploadLimits, UploadService
 from kp_gateway.worker import forget_documented_series, make_process_pool
 

@@ -1,4 +1,4 @@
-"""Small pure DICOM helpers: UID checks, storage keys and the minimal header read.
+"""The minimal header read of a stored instance (UID checks are in :mod:`kp_gateway.uids`).
 
 Nothing here touches asyncio, backends or the network.
 """
@@ -6,8 +6,6 @@ Nothing here touches asyncio, backends or the network.
 from __future__ import annotations
 
 import os
-import re
-import struct
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,10 +16,7 @@ from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 
 from kp_gateway.errors import InvalidDicomError
 from kp_gateway.model import InstanceRecord
-
-# PS3.5 9.1 allows digits and dots only. Leading zeros in a component are tolerated: real
-# modalities send them, and they cannot make a path unsafe.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+from kp_gateway.uids import storage_key
 
 # Tags the header read needs; reading stops before the pixel data.
 _HEADER_TAGS = (
@@ -36,29 +31,6 @@ _HEADER_TAGS = (
     "SeriesDescription",
     "SeriesDate",
 )
-
-
-def is_valid_uid(uid: str) -> bool:
-    """Return True when `uid` is digits and dots, at most 64 characters (PS3.5 9.1)."""
-    return 0 < len(uid) <= 64 and _UID_RE.match(uid) is not None
-
-
-def storage_key(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> str:
-    """Return the object key ``dicom/<study>/<series>/<sop>.dcm`` (CONTRACT section 7).
-
-    Raises
-    ------
-    InvalidDicomError
-        When a UID is not a valid UI value; a UID from the network never becomes a path unchecked.
-    """
-    for name, uid in (
-        ("StudyInstanceUID", study_instance_uid),
-        ("SeriesInstanceUID", series_instance_uid),
-        ("SOPInstanceUID", sop_instance_uid),
-    ):
-        if not is_valid_uid(uid):
-            raise InvalidDicomError(f"{name} {uid!r} is not a valid UID")
-    return f"dicom/{study_instance_uid}/{series_instance_uid}/{sop_instance_uid}.dcm"
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -143,33 +115,3 @@ def read_instance(
         storage_key=key,
         document=document,
     )
-
-
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
-
-
-def plausible_dataset_start(head: bytes, transfer_syntax_uid: str, dataset_length: int) -> bool:
-    """Cheap check that `head` (the first bytes of a dataset) starts like a DICOM element.
-
-    Pure and fast; runs on association threads. It does not decode the dataset (the receive
-    path never does): it rejects garbage, an empty dataset, and impossible first elements.
-    A deflated dataset cannot be checked without inflating it and passes.
-    """
-    if transfer_syntax_uid == _DEFLATED:
-        return len(head) > 0
-    if len(head) < 8:
-        return False
-    fmt = ">HH" if transfer_syntax_uid == _EXPLICIT_BE else "<HH"
-    group, _element = struct.unpack(fmt, head[:4])
-    # Group 0000 is the command set and never appears in a dataset; odd groups below 0008 do
-    # not exist. Group 0002 (file meta) sometimes appears in sloppy datasets: tolerate it.
-    if group < 0x0002 or (group < 0x0008 and group % 2):
-        return False
-    if transfer_syntax_uid == _IMPLICIT_LE:
-        # No VR to check: the first value length must be even and fit in what was received.
-        length = int.from_bytes(head[4:8], "little")
-        return length == 0xFFFFFFFF or (length % 2 == 0 and 8 + length <= dataset_length)
-    vr = head[4:6]
-    return len(vr) == 2 and all(65 <= b <= 90 for b in vr)

@@ -31,7 +31,6 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from kp_gateway.archive import ArchiveLimits, ArchiveMember, list_members, open_member
 from kp_gateway.backends.fs import fsync_dir
-from kp_gateway.dicomutil import is_valid_uid
 from kp_gateway.errors import (
     ConversionError,
     InvalidDicomError,
@@ -43,6 +42,7 @@ from kp_gateway.errors import (
 )
 from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 

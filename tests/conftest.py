@@ -207,7 +207,7 @@ def dicom_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     from pynetdicom import ALL_TRANSFER_SYNTAXES
 
-    from kp_gateway.dicomutil import is_valid_uid
+    from kp_gateway.uids import is_valid_uid
 
     if shutil.which("dcmdump") is None:
         pytest.skip("DCMTK (dcmdump) is not installed; `make test` installs it")

@@ -23,8 +23,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from kp_gateway.app import RunningGateway, running
-from kp_gateway.pipeline.spool import SpoolFile
-from kp_gateway.scp import PRECREATED_SPOOL_FILES
+from kp_gateway.dicom.receive_files import SpoolFile
+from kp_gateway.dicom.scp import PRECREATED_SPOOL_FILES
 from tests.conftest import dataset_bytes, make_ct_series
 
 CT = str(CTImageStorage)

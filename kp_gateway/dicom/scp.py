@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 import uuid
@@ -33,15 +32,21 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from kp_gateway import scp_reactor
 from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
-from kp_gateway.dicomutil import is_valid_uid, plausible_dataset_start
-from kp_gateway.dimse_fastpath import (
+from kp_gateway.dicom import reactor
+from kp_gateway.dicom.ae_titles import parse_called_ae, parse_calling_ae
+from kp_gateway.dicom.fastpath import (
     FastStoreDIMSE,
     install_file_meta_writer,
     install_spool_file_factory,
     use_precreated_files,
 )
+from kp_gateway.dicom.part10 import (
+    dataset_head_from_file,
+    plausible_dataset_start,
+    received_dataset_head,
+)
+from kp_gateway.dicom.receive_files import PrecreatedFiles, SpoolFile
 from kp_gateway.errors import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -53,11 +58,9 @@ from kp_gateway.errors import (
 from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.ingest import IngestService
-from kp_gateway.pipeline.spool import PrecreatedFiles, SpoolFile
+from kp_gateway.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
-
-AE_PREFIX = "kp-"
 
 # PS3.8 9.3.4: A-ASSOCIATE-RJ result / source / reason values.
 _REJECTED_PERMANENT = 0x01
@@ -70,24 +73,6 @@ _REASON_LOCAL_LIMIT_EXCEEDED = 0x02
 # Spool files kept created ahead of need (chunked receive): a few hundred milliseconds of
 # C-STOREs at full rate, a few open descriptors and write buffers.
 PRECREATED_SPOOL_FILES = 32
-
-
-def parse_called_ae(called_ae_title: str, default_project: str) -> str:
-    """Project named by a called AE title: ``kp-<project>`` (any case) else the default."""
-    title = called_ae_title.strip()
-    if title.lower().startswith(AE_PREFIX) and len(title) > len(AE_PREFIX):
-        return title[len(AE_PREFIX) :].lower()
-    return default_project
-
-
-def parse_calling_ae(calling_ae_title: str) -> str:
-    """Dataset named by a calling AE title: ``kp-<dataset>``, else the title itself, lower case."""
-    title = calling_ae_title.strip()
-    if title.lower().startswith(AE_PREFIX) and len(title) > len(AE_PREFIX):
-        title = title[len(AE_PREFIX) :]
-    # Datasets become names in URLs and the UI; keep them printable and slash-free.
-    cleaned = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in title)
-    return cleaned.lower() or "unnamed"
 
 
 class CappedAssociationSocket(AssociationSocket):
@@ -132,12 +117,12 @@ class _RequestHandler(RequestHandler):
         # Same for the DIMSE provider: plain C-STORE requests and responses skip pydicom.
         assoc.dimse.__class__ = FastStoreDIMSE
         # Event-driven reactor threads: woken by data, idle checks every poll_interval_s.
-        scp_reactor.install(assoc, server.poll_interval_s)
+        reactor.install(assoc, server.poll_interval_s)
         if server.spool_files is not None:
             use_precreated_files(assoc.dul, server.spool_files)
         # On the DUL thread as it ends (the only thread writing received data sets): a data set
         # cut off by an abort or a dropped connection leaves no spool file behind.
-        scp_reactor.add_exit_callback(assoc.dul, cast(FastStoreDIMSE, assoc.dimse).discard_incoming)
+        reactor.add_exit_callback(assoc.dul, cast(FastStoreDIMSE, assoc.dimse).discard_incoming)
         return assoc
 
 
@@ -229,7 +214,7 @@ class Scp:
         spool.receiving.mkdir(parents=True, exist_ok=True)
         if self._cfg.receive_mode == "chunked":
             # On the data filesystem, so the spool commit is a rename, never a copy.
-            self._spool_files = spool.precreated_files(PRECREATED_SPOOL_FILES)
+            self._spool_files = PrecreatedFiles(spool.receiving, PRECREATED_SPOOL_FILES)
             self._spool_files.start()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self.handle_requested),
@@ -254,7 +239,7 @@ class Scp:
         server.max_connections = self._cfg.max_associations * 2
         server.poll_interval_s = self._cfg.poll_interval_s
         server.spool_files = self._spool_files
-        scp_reactor.install_clocks()
+        reactor.install_clocks()
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="dicom-acceptor", daemon=True
@@ -455,7 +440,7 @@ class Scp:
             fd = os.open(received, os.O_RDONLY)
             try:
                 size = os.fstat(fd).st_size
-                head, dataset_start = _dataset_head_from_file(fd)
+                head, dataset_start = dataset_head_from_file(fd)
                 if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
                     raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
                 if spool.fsync:
@@ -468,41 +453,4 @@ class Scp:
             raise BackendUnavailableError(f"spooling the received data set failed: {exc}") from exc
 
 
-# A Part-10 file: 128-byte preamble, "DICM", then (0002,0000) UL in explicit VR little endian.
-_GROUP_LENGTH_AT = 128 + 4
-_GROUP_LENGTH_ELEMENT = 12
-
-
-def _dataset_head(part10_head: bytes) -> tuple[bytes, int]:
-    """The first (up to) 16 bytes of the dataset in the start of a Part-10 file, and where the
-    dataset starts. Pure."""
-    element = part10_head[_GROUP_LENGTH_AT : _GROUP_LENGTH_AT + _GROUP_LENGTH_ELEMENT]
-    if len(element) < _GROUP_LENGTH_ELEMENT:
-        return b"", 0
-    (meta_length,) = struct.unpack("<I", element[8:12])
-    start = _GROUP_LENGTH_AT + _GROUP_LENGTH_ELEMENT + meta_length
-    return part10_head[start : start + 16], start
-
-
-def received_dataset_head(received: SpoolFile) -> tuple[bytes, int]:
-    """The first (up to) 16 bytes of the dataset in a spool file pynetdicom wrote, and where
-    the dataset starts; from the bytes kept in memory when they reach that far. Blocking only
-    when the file meta is longer than :attr:`SpoolFile.HEAD_BYTES` (not one pynetdicom writes).
-    """
-    head, start = _dataset_head(received.head)
-    if len(head) < 16 and start + len(head) < received.size:
-        received.flush()
-        return _dataset_head_from_file(received.fd)
-    return head, start
-
-
-def _dataset_head_from_file(fd: int) -> tuple[bytes, int]:
-    """As :func:`_dataset_head`, read from a Part-10 file. Blocking."""
-    element = os.pread(fd, _GROUP_LENGTH_ELEMENT, _GROUP_LENGTH_AT)
-    if len(element) < _GROUP_LENGTH_ELEMENT:
-        return b"", 0
-    _, start = _dataset_head(bytes(_GROUP_LENGTH_AT) + element)
-    return os.pread(fd, 16, start), start
-
-
-__all__ = ["Scp", "parse_called_ae", "parse_calling_ae", "received_dataset_head"]
+__all__ = ["Scp"]

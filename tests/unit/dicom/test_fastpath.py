@@ -20,16 +20,15 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
-from kp_gateway.dimse_fastpath import (
+from kp_gateway.dicom.fastpath import (
     FastStoreDIMSE,
-    PlainFileMeta,
-    encode_file_meta,
     encode_store_response,
     install_file_meta_writer,
     parse_store_request,
     use_precreated_files,
 )
-from kp_gateway.pipeline.spool import PrecreatedFiles, SpoolFile
+from kp_gateway.dicom.part10 import PlainFileMeta, encode_file_meta
+from kp_gateway.dicom.receive_files import PrecreatedFiles, SpoolFile
 
 
 def pynetdicom_encoding(primitive: C_STORE, context_id: int, max_pdu: int = 0) -> list[bytes]:

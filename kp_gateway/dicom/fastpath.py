@@ -11,8 +11,9 @@ own encoding.
 
 The same goes for the file meta header pynetdicom writes in front of each dataset it receives
 in chunked mode: it builds a pydicom FileMetaDataset and runs pydicom's generic writer for six
-fixed elements. :func:`install_file_meta_writer` swaps in an encoder of those elements; a unit
-test checks its bytes against pydicom's.
+fixed elements. :func:`install_file_meta_writer` swaps in an encoder of those elements
+(:func:`~kp_gateway.dicom.part10.encode_file_meta`); a unit test checks its bytes against
+pydicom's.
 
 The request is decoded directly as well: pynetdicom decodes each command set with pydicom,
 then copies it element by element into a primitive, validating as it goes; with the file meta
@@ -25,7 +26,7 @@ the primitive against pynetdicom's own decoding.
 And the file itself: pynetdicom creates it with ``tempfile.NamedTemporaryFile`` when the
 dataset's first fragment arrives, which costs 0.5 to 1 ms on the receive path (measured).
 :func:`install_spool_file_factory` lets an association's DUL thread take a file created ahead
-of time instead (:class:`~kp_gateway.pipeline.spool.PrecreatedFiles`).
+of time instead (:class:`~kp_gateway.dicom.receive_files.PrecreatedFiles`).
 """
 
 from __future__ import annotations
@@ -35,17 +36,18 @@ import struct
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 import pynetdicom.dimse_messages as pynetdicom_dimse_messages
 from pydicom.filewriter import write_file_meta_info as pydicom_write_file_meta_info
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from kp_gateway.dicomutil import is_valid_uid
-from kp_gateway.pipeline.spool import PrecreatedFiles, SpoolFile, discard_received_file
+from kp_gateway.dicom.part10 import PlainFileMeta, encode_file_meta, padded
+from kp_gateway.dicom.receive_files import PrecreatedFiles, SpoolFile, discard_received_file
+from kp_gateway.uids import is_valid_uid
 
 _C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
@@ -63,7 +65,7 @@ def _us(element: int, value: int) -> bytes:
 
 
 def _ui(element: int, uid: str) -> bytes:
-    raw = _padded(uid, b"\x00")  # UI values are padded to even length with NUL (PS3.5 6.2)
+    raw = padded(uid, b"\x00")  # UI values are padded to even length with NUL (PS3.5 6.2)
     return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
 
 
@@ -276,42 +278,6 @@ class FastStoreDIMSE(DIMSEServiceProvider):
         return encoded
 
 
-class PlainFileMeta(NamedTuple):
-    """What pynetdicom's ``create_file_meta`` puts in a received dataset's file meta."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID
-    implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION
-
-
-def _explicit(tag_element: int, vr: bytes, value: bytes) -> bytes:
-    if vr == b"OB":  # OB has a reserved field and a 4-byte length (PS3.5 7.1.2)
-        return struct.pack("<HH2s2xI", 0x0002, tag_element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, tag_element, vr, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def encode_file_meta(meta: PlainFileMeta) -> bytes:
-    """The file meta group (without preamble and prefix), explicit VR little endian."""
-    body = b"".join(
-        (
-            _explicit(0x0001, b"OB", b"\x00\x01"),
-            _explicit(0x0002, b"UI", _padded(meta.sop_class_uid, b"\x00")),
-            _explicit(0x0003, b"UI", _padded(meta.sop_instance_uid, b"\x00")),
-            _explicit(0x0010, b"UI", _padded(meta.transfer_syntax, b"\x00")),
-            _explicit(0x0012, b"UI", _padded(meta.implementation_uid, b"\x00")),
-            _explicit(0x0013, b"SH", _padded(meta.implementation_version, b" ")),
-        )
-    )
-    return _explicit(0x0000, b"UL", struct.pack("<I", len(body))) + body
-
-
 def _create_plain_file_meta(
     *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **more: str
 ) -> PlainFileMeta:
@@ -360,8 +326,6 @@ def install_spool_file_factory() -> None:
 
 __all__ = [
     "FastStoreDIMSE",
-    "PlainFileMeta",
-    "encode_file_meta",
     "encode_store_response",
     "install_file_meta_writer",
     "install_spool_file_factory",

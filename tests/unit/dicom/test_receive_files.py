@@ -7,14 +7,9 @@ import stat
 import time
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
 
-from kp_gateway.pipeline import spool as spool_module
-from kp_gateway.pipeline.spool import PrecreatedFiles, Spool, SpoolFile, unique_name
-from kp_gateway.scp import received_dataset_head
+from kp_gateway.dicom.receive_files import PrecreatedFiles, SpoolFile
 
 
 def _open_spool_file(path: Path) -> SpoolFile:
@@ -122,47 +117,6 @@ def test_precreated_files_report_an_unwritable_directory(tmp_path: Path) -> None
     spool_file.close()
 
 
-def test_unique_names_do_not_repeat() -> None:
-    names = {unique_name() for _ in range(10_000)}
-    assert len(names) == 10_000
-
-
-def _part10(path: Path, private_information: bytes = b"") -> bytes:
-    """A small Part-10 file as pydicom writes it; a long file meta with `private_information`."""
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if private_information:
-        ds.file_meta.PrivateInformationCreatorUID = "1.2.3"
-        ds.file_meta.PrivateInformation = private_information
-    ds.PatientName = "Head^Test"
-    ds.PatientID = "P1"
-    ds.save_as(path, enforce_file_format=True)
-    return path.read_bytes()
-
-
-@pytest.mark.parametrize("meta_padding", [0, 3000])
-def test_received_dataset_head_with_short_and_long_file_meta(
-    tmp_path: Path, meta_padding: int
-) -> None:
-    """The dataset's first bytes, from memory, or read back when the meta outgrows the head."""
-    data = _part10(tmp_path / "in.dcm", b"\x01" * meta_padding)
-    # The dataset's first element is (0010,0010) PatientName, explicit VR little endian.
-    start = data.index(b"\x10\x00\x10\x00PN")
-    spool_file = SpoolFile(
-        str(tmp_path / "rx.part"), os.open(tmp_path / "rx.part", os.O_RDWR | os.O_CREAT, 0o600)
-    )
-    for offset in range(0, len(data), 100):  # as PDV fragments arrive
-        spool_file.write(data[offset : offset + 100])
-    head, dataset_start = received_dataset_head(spool_file)
-    spool_file.close()
-    assert dataset_start == start
-    assert head == data[start : start + 16]
-    assert (meta_padding > SpoolFile.HEAD_BYTES) == (dataset_start > SpoolFile.HEAD_BYTES)
-
-
 def test_spool_file_keeps_a_write_error_for_the_receive_path(tmp_path: Path) -> None:
     """A full disk does not raise on the DUL thread; the error waits for the fsync."""
     full = tmp_path / "full"
@@ -189,23 +143,3 @@ def test_spool_file_dropped_unserved_gives_back_descriptor_and_file(tmp_path: Pa
     assert not path.exists()
     with pytest.raises(OSError):
         os.fstat(fd)
-
-
-def test_commit_that_cannot_be_made_durable_leaves_nothing_to_recover(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """If the folder's fsync fails, the renamed file goes: it was never acknowledged."""
-    spool = Spool(tmp_path)
-    spool.create()
-    folder = spool.incoming / "source"
-    folder.mkdir()
-    src = spool.tmp / "x.part"
-    src.write_bytes(b"bytes")
-
-    def failing_fsync_dir(path: Path) -> None:  # fault injection: the disk fails the fsync
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(spool_module, "fsync_dir", failing_fsync_dir)
-    with pytest.raises(OSError, match="Input/output"):
-        spool.commit_file(src, folder)
-    assert list(folder.iterdir()) == []
