@@ -31,11 +31,11 @@ from kp_gateway.errors import ConfigError
 from kp_gateway.http import Health, load_or_create_token, make_app
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.pipeline.process_pool import forget_documented_series, make_process_pool
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from kp_gateway.pipeline.series_stages import make_process_pool as make_series_pool
 from kp_gateway.pipeline.spool import Spool
 from kp_gateway.upload import UploadLimits, UploadService
-from kp_gateway.worker import forget_documented_series, make_process_pool
 
 logger = logging.getLogger(__name__)
 

@@ -46,9 +46,9 @@ from typing import IO, Any, TextIO
 
 from kp_gateway.backends.base import IndexBackend, IndexedInstance, SeriesQuery, StorageBackend
 from kp_gateway.config import Config
-from kp_gateway.dicomutil import read_instance
 from kp_gateway.errors import BackendError, InvalidDicomError
 from kp_gateway.model import InstanceRecord, Routing
+from kp_gateway.pipeline.process_pool import make_process_pool, read_instance
 
 logger = logging.getLogger(__name__)
 
@@ -563,7 +563,6 @@ async def reindex(
     """
     from kp_gateway.app import lock_data_dir
     from kp_gateway.backends import make_index, make_storage
-    from kp_gateway.worker import make_process_pool
 
     started = time.monotonic()
     lock: IO[bytes] = await asyncio.to_thread(lock_data_dir, cfg.data_dir)

@@ -28,10 +28,10 @@ from kp_gateway.errors import (
 )
 from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
+from kp_gateway.pipeline.completion import SeriesTracker
 from kp_gateway.pipeline.core import Pipeline, RetryPolicy, Stage, StageObserver
-from kp_gateway.pipeline.series import SeriesTracker
+from kp_gateway.pipeline.process_pool import inspect_instances
 from kp_gateway.pipeline.spool import Spool
-from kp_gateway.worker import inspect_instances
 
 logger = logging.getLogger(__name__)
 

@@ -58,6 +58,7 @@ from kp_gateway.backends.sqlite import (
 from kp_gateway.config import SeriesConfig
 from kp_gateway.errors import RejectedInputError
 from kp_gateway.pipeline.core import cancel_tasks
+from kp_gateway.pipeline.process_pool import make_process_pool as worker_pool
 from kp_gateway.thumbnails import Thumbnail, referenced_series_uid, render_series_thumbnail
 from kp_gateway.validation import (
     SeriesValidation,
@@ -66,7 +67,6 @@ from kp_gateway.validation import (
     render_report_html,
     validate_series,
 )
-from kp_gateway.worker import make_process_pool as worker_pool
 
 if TYPE_CHECKING:
     from kp_gateway.pipeline.ingest import IngestService

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kp_gateway.pipeline.series import SeriesTracker
+from kp_gateway.pipeline.completion import SeriesTracker
 
 
 class Clock:
