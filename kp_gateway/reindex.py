@@ -3,7 +3,8 @@
 Used after moving from SQLite to OpenSearch, or after losing the index. The stored DICOM
 objects are the source of truth for everything in the headers; the project and dataset a
 series was routed to are not in them (objects are never modified), so they come from the
-routing records the index stage writes before each commit::
+routing records the index stage writes before each commit
+(:mod:`kp_gateway.kaapana.routing_record`)::
 
     routing/<SeriesInstanceUID>/<sha1(project NUL dataset)>.json
         {"project", "dataset", "calling_ae_title", "called_ae_title",
@@ -47,6 +48,8 @@ from typing import IO, Any, TextIO
 from kp_gateway.backends.base import IndexBackend, IndexedInstance, SeriesQuery, StorageBackend
 from kp_gateway.config import Config
 from kp_gateway.errors import BackendError, InvalidDicomError
+from kp_gateway.kaapana.keys import ADMIN_PROJECT
+from kp_gateway.kaapana.routing_record import ROUTING_PREFIX, RoutingRecord
 from kp_gateway.model import InstanceRecord, Routing
 from kp_gateway.pipeline.process_pool import make_process_pool, read_instance
 
@@ -54,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "reindex.checkpoint.json"
 DICOM_PREFIX = "dicom/"
-ROUTING_PREFIX = "routing/"
 # Series without any routing record (stored before records existed) land here.
 FALLBACK_DATASET = "reindexed"
 # Objects fetched at once from an object store (each streams to its own scratch file).
@@ -101,30 +103,6 @@ def parse_for_reindex(
 
 
 # --- value types -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingRecord:
-    """One stored routing record of a series."""
-
-    routing: Routing
-    document_sop_instance_uid: str
-    received_at: float
-
-    @classmethod
-    def parse(cls, data: bytes, source_id: str) -> RoutingRecord:
-        """Decode a record; raises ValueError/KeyError/TypeError when malformed. Pure."""
-        doc = json.loads(data)
-        routing = Routing(
-            project=str(doc["project"]),
-            dataset=str(doc["dataset"]),
-            source_id=source_id,
-            calling_ae_title=str(doc.get("calling_ae_title", "")),
-            called_ae_title=str(doc.get("called_ae_title", "")),
-        )
-        return cls(
-            routing, str(doc.get("document_sop_instance_uid", "")), float(doc["received_at"])
-        )
 
 
 @dataclass
@@ -519,8 +497,6 @@ class Reindexer:
         self.report.series_stages = len(todo)
 
     async def _series_lacking_results(self) -> AsyncIterator[str]:
-        from kp_gateway.backends.sqlite import ADMIN_PROJECT
-
         offset, page = 0, 200
         while True:
             total, items = await self._index.query_series(
@@ -623,7 +599,6 @@ __all__ = [
     "CHECKPOINT_FILE",
     "ReindexReport",
     "Reindexer",
-    "RoutingRecord",
     "parse_for_reindex",
     "reindex",
 ]

@@ -33,7 +33,9 @@ import opensearchpy
 from opensearchpy import AsyncOpenSearch
 
 from kp_gateway.backends.base import IndexedInstance, SeriesQuery, index_targets
-from kp_gateway.backends.sqlite import (
+from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
+from kp_gateway.kaapana.completion import missing_numbers
+from kp_gateway.kaapana.keys import (
     ADMIN_PROJECT,
     KEY_COMPLETE,
     KEY_MAX_IN,
@@ -41,9 +43,7 @@ from kp_gateway.backends.sqlite import (
     KEY_MISSING_IN,
     KEY_THUMBNAIL,
     KEY_VALIDATION,
-    missing_numbers,
 )
-from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 

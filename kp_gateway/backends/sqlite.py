@@ -19,20 +19,20 @@ from typing import Any, TypeVar
 
 from kp_gateway.backends.base import IndexedInstance, SeriesQuery, index_targets
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
+from kp_gateway.kaapana.completion import missing_numbers
+from kp_gateway.kaapana.keys import (
+    ADMIN_PROJECT,
+    KEY_COMPLETE,
+    KEY_MAX_IN,
+    KEY_MIN_IN,
+    KEY_MISSING_IN,
+    KEY_THUMBNAIL,
+    KEY_VALIDATION,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-ADMIN_PROJECT = "admin"
-
-# Kaapana's derived completion and validation keys (reference/kaapana-behaviour.md 3.4).
-KEY_COMPLETE = "00000000 IsSeriesComplete_boolean"
-KEY_MIN_IN = "00000000 MinInstanceNumber_integer"
-KEY_MAX_IN = "00000000 MaxInstanceNumber_integer"
-KEY_MISSING_IN = "00000000 MissingInstanceNumbers_integer"
-KEY_VALIDATION = "00111001 ValidationResults_object"
-KEY_THUMBNAIL = "00000000 ThumbnailInstanceUID_keyword"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS projects (
@@ -65,14 +65,6 @@ CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT, stage TEXT NOT NULL, path TEXT NOT NULL,
     reason TEXT NOT NULL, at REAL NOT NULL);
 """
-
-
-def missing_numbers(numbers: Sequence[int]) -> list[int]:
-    """InstanceNumbers absent between the smallest and the largest present."""
-    if not numbers:
-        return []
-    present = set(numbers)
-    return [n for n in range(min(present), max(present) + 1) if n not in present]
 
 
 class SqliteIndex:

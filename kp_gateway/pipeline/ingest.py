@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -26,6 +24,7 @@ from kp_gateway.errors import (
     InvalidDicomError,
     PipelineFull,
 )
+from kp_gateway.kaapana.routing_record import routing_record, routing_record_key
 from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.completion import SeriesTracker
@@ -37,32 +36,6 @@ logger = logging.getLogger(__name__)
 
 # Combinations remembered as routed; as many as the workers' document caches hold.
 ROUTED_MEMORY = 20_000
-ROUTING_PREFIX = "routing/"
-
-
-def routing_record_key(series_instance_uid: str, project: str, dataset: str) -> str:
-    """``routing/<SeriesInstanceUID>/<sha1 of project NUL dataset>.json``. Pure."""
-    digest = hashlib.sha1(f"{project}\x00{dataset}".encode(), usedforsecurity=False).hexdigest()
-    return f"{ROUTING_PREFIX}{series_instance_uid}/{digest}.json"
-
-
-def routing_record(item: IngestItem) -> bytes:
-    """The JSON routing record of `item`'s series and routing. Pure.
-
-    Stored DICOM objects are never modified, so this is the only place where the project
-    and dataset of a series survive the loss of the index (``kp-gateway reindex``).
-    """
-    assert item.record is not None
-    record = {
-        "project": item.routing.project,
-        "dataset": item.routing.dataset,
-        "calling_ae_title": item.routing.calling_ae_title,
-        "called_ae_title": item.routing.called_ae_title,
-        "series_instance_uid": item.record.series_instance_uid,
-        "document_sop_instance_uid": item.record.sop_instance_uid,
-        "received_at": item.received_at,
-    }
-    return json.dumps(record, sort_keys=True).encode()
 
 
 SeriesHook = Callable[[str, dict[str, object]], Awaitable[None]]
@@ -346,4 +319,4 @@ class IngestService:
         return time.time()
 
 
-__all__ = ["IngestService", "Routing", "routing_record", "routing_record_key"]
+__all__ = ["IngestService", "Routing"]

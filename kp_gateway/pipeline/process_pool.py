@@ -103,7 +103,7 @@ def read_instance(
     series_key = (series, project, dataset)
     if documented_series is not None and series_key not in documented_series:
         documented_series[series_key] = None
-        from kp_gateway.metadata import build_series_document
+        from kp_gateway.kaapana.document import build_series_document
 
         when = datetime.fromtimestamp(arrived_at, UTC) if arrived_at else datetime.now(UTC)
         document = build_series_document(

@@ -46,17 +46,31 @@ from pydicom import dcmread
 from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 
 from kp_gateway.backends.base import IndexBackend, SeriesQuery, StorageBackend
-from kp_gateway.backends.sqlite import (
+from kp_gateway.config import SeriesConfig
+from kp_gateway.errors import RejectedInputError
+from kp_gateway.kaapana.keys import (
     ADMIN_PROJECT,
     KEY_COMPLETE,
+    KEY_FRAMES_TOTAL,
     KEY_MAX_IN,
     KEY_MIN_IN,
     KEY_MISSING_IN,
+    KEY_MULTIFRAME,
+    KEY_SLICE_GAPS,
+    KEY_SLICE_SPACING,
+    KEY_SLICES_MISSING,
+    KEY_SPACING_REGULAR,
     KEY_THUMBNAIL,
+    KEY_THUMBNAIL_ERROR,
+    KEY_THUMBNAIL_STRATEGY,
     KEY_VALIDATION,
+    STATUS_UNAVAILABLE,
+    STATUS_VALIDATED,
+    VAL_DATE,
+    VAL_ERRORS,
+    VAL_STATUS,
+    VAL_WARNINGS,
 )
-from kp_gateway.config import SeriesConfig
-from kp_gateway.errors import RejectedInputError
 from kp_gateway.pipeline.core import cancel_tasks
 from kp_gateway.pipeline.process_pool import make_process_pool as worker_pool
 from kp_gateway.thumbnails import Thumbnail, referenced_series_uid, render_series_thumbnail
@@ -79,23 +93,6 @@ STAGE_COMPLETENESS = "completeness"
 STAGE_THUMBNAIL = "thumbnail"
 STAGE_VALIDATION = "validation"
 STAGES: tuple[str, ...] = (STAGE_COMPLETENESS, STAGE_THUMBNAIL, STAGE_VALIDATION)
-
-# Derived document keys written here (Kaapana's "00000000 <Name>_<type>" scheme).
-KEY_THUMBNAIL_ERROR = "00000000 ThumbnailError_keyword"
-KEY_THUMBNAIL_STRATEGY = "00000000 ThumbnailStrategy_keyword"
-KEY_FRAMES_TOTAL = "00000000 NumberOfFramesTotal_integer"
-KEY_MULTIFRAME = "00000000 IsMultiFrame_boolean"
-KEY_SLICE_SPACING = "00000000 SliceSpacing_float"
-KEY_SLICE_GAPS = "00000000 SliceGapCount_integer"
-KEY_SLICES_MISSING = "00000000 EstimatedMissingSlices_integer"
-KEY_SPACING_REGULAR = "00000000 IsSliceSpacingRegular_boolean"
-# Sub-keys of 00111001 ValidationResults_object (element numbers counted up, as Kaapana does).
-VAL_ERRORS = "00111002 ValidationErrors_integer"
-VAL_WARNINGS = "00111003 ValidationWarnings_integer"
-VAL_DATE = "00111004 ValidationDate_datetime"
-VAL_STATUS = "00111005 ValidationStatus_keyword"
-STATUS_VALIDATED = "validated"
-STATUS_UNAVAILABLE = "validator unavailable"
 
 _ANNOTATION_MODALITIES = frozenset({"SEG", "RTSTRUCT"})
 _ANNOTATION_SOP_CLASSES = frozenset({str(SegmentationStorage), str(RTStructureSetStorage)})
@@ -139,7 +136,7 @@ def slice_geometry(paths: Sequence[str]) -> dict[str, Any]:
     Returns
     -------
     dict
-        Document fields (the ``KEY_*`` constants of this module).
+        Document fields (``KEY_*`` constants of :mod:`kp_gateway.kaapana.keys`).
     """
     frames = 0
     orientations: list[tuple[float, ...]] = []
@@ -851,8 +848,6 @@ class SeriesPostProcessor:
 
 
 __all__ = [
-    "KEY_THUMBNAIL_ERROR",
-    "KEY_THUMBNAIL_STRATEGY",
     "STAGES",
     "SeriesPostProcessor",
     "completeness_for_report",

@@ -22,15 +22,17 @@ from typing import Any
 import pydicom
 import pytest
 
-from kp_gateway.backends.sqlite import (
+from kp_gateway.kaapana.keys import (
     KEY_COMPLETE,
     KEY_MAX_IN,
     KEY_MIN_IN,
     KEY_MISSING_IN,
+    KEY_SLICE_SPACING,
     KEY_THUMBNAIL,
     KEY_VALIDATION,
+    STATUS_VALIDATED,
+    VAL_STATUS,
 )
-from kp_gateway.pipeline.series_stages import KEY_SLICE_SPACING, STATUS_VALIDATED, VAL_STATUS
 from tests.conftest import (
     GatewayProcess,
     dataset_bytes,

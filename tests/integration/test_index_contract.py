@@ -21,7 +21,7 @@ from kp_gateway.backends.base import IndexBackend, IndexedInstance, SeriesQuery
 from kp_gateway.backends.opensearch import OpenSearchIndex
 from kp_gateway.backends.sqlite import SqliteIndex
 from kp_gateway.errors import BackendRejectedError
-from kp_gateway.metadata import build_series_document
+from kp_gateway.kaapana.document import build_series_document
 from kp_gateway.model import InstanceRecord, Routing
 from tests.opensearch_standin import Standin
 

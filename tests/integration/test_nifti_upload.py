@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 
 from kp_gateway.config import Config
-from kp_gateway.pipeline.series_stages import KEY_THUMBNAIL_STRATEGY
+from kp_gateway.kaapana.keys import KEY_THUMBNAIL_STRATEGY
 from tests.integration.test_upload import post_upload, upload_gateway, zip_folder
 
 SHAPE = (16, 16, 6)

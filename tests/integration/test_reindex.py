@@ -12,7 +12,7 @@ import pytest
 from kp_gateway.backends.fs import FsStorage
 from kp_gateway.backends.sqlite import SqliteIndex
 from kp_gateway.config import Config, load
-from kp_gateway.pipeline.ingest import routing_record_key
+from kp_gateway.kaapana.routing_record import routing_record_key
 from kp_gateway.reindex import CHECKPOINT_FILE, FALLBACK_DATASET, reindex, write_checkpoint
 from kp_gateway.uids import storage_key
 from tests.conftest import make_ct_series

@@ -33,14 +33,14 @@ from pydicom.uid import (
 
 from kp_gateway import config as config_mod
 from kp_gateway.app import RunningGateway, running
-from kp_gateway.pipeline.series_stages import (
+from kp_gateway.kaapana.keys import (
     KEY_SLICE_GAPS,
     KEY_SLICE_SPACING,
     KEY_SLICES_MISSING,
     KEY_THUMBNAIL_ERROR,
     KEY_THUMBNAIL_STRATEGY,
-    SeriesPostProcessor,
 )
+from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from tests.conftest import tissue_segment, write_segmentation
 
 DCMSEND = shutil.which("dcmsend")

@@ -1,4 +1,4 @@
-"""Unit tests for kp_gateway.metadata: Kaapana-format series documents, with its bugs fixed."""
+"""Unit tests for kp_gateway.kaapana.document: Kaapana-format series documents, bugs fixed."""
 
 import datetime
 import io
@@ -15,7 +15,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from kp_gateway.metadata import build_series_document, document_key
+from kp_gateway.kaapana.document import build_series_document, document_key
 
 ARRIVED = datetime.datetime(2025, 11, 24, 14, 7, 12, 879623, tzinfo=datetime.UTC)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
