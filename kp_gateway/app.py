@@ -28,7 +28,8 @@ from kp_gateway.config import Config
 from kp_gateway.convert.importer import NiftiUploadImporter
 from kp_gateway.dicom.scp import Scp
 from kp_gateway.errors import ConfigError
-from kp_gateway.http import Health, load_or_create_token, make_app
+from kp_gateway.http.app import load_or_create_token, make_app
+from kp_gateway.http.appkeys import Health
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.process_pool import forget_documented_series, make_process_pool

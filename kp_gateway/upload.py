@@ -47,8 +47,8 @@ from kp_gateway.errors import (
     error_code_for,
     http_status_for,
 )
+from kp_gateway.http.responses import json_error, stream_object
 from kp_gateway.pipeline.ingest import IngestService
-from kp_gateway.responses import json_error, stream_object
 from kp_gateway.upload_import import (
     DONE,
     FAILED,
@@ -67,7 +67,7 @@ from kp_gateway.upload_import import (
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent / "web"
+WEB_DIR = Path(__file__).resolve().parent / "http" / "static"
 TUS_VERSION = "1.0.0"
 TUS_BASE = "/api/uploads/tus"
 _DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

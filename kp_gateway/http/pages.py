@@ -1,4 +1,5 @@
-"""The gallery page (CONTRACT section 5): ``GET /gallery`` and its script, style and one helper.
+"""The HTML pages: the gallery page (CONTRACT section 5), ``GET /gallery`` and its script, style
+and one helper. (The upload page is still served by :mod:`kp_gateway.upload`.)
 
 The page is static HTML with a small script that reads the JSON API (``/api/projects``,
 ``/api/projects/{p}/datasets``, ``/api/projects/{p}/series``, ``/api/series/{uid}``) with the
@@ -18,8 +19,9 @@ from aiohttp import web
 
 from kp_gateway.backends.base import SeriesQuery
 from kp_gateway.errors import RejectedInputError
+from kp_gateway.http.appkeys import INGEST_KEY
 
-WEB_DIR = Path(__file__).parent / "web"
+WEB_DIR = Path(__file__).parent / "static"
 # Offered in the modality filter even before such a series exists.
 COMMON_MODALITIES = ("CT", "MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "SEG", "RTSTRUCT", "SM")
 # The modality list pages through series summaries; beyond this many it stops (and says so).
@@ -41,7 +43,7 @@ def _file_handler(name: str) -> Callable[[web.Request], Awaitable[web.FileRespon
     content_type = _FILES[name]
 
     async def handler(request: web.Request) -> web.FileResponse:
-        """One file of kp_gateway/web, revalidated on every load (no build step, no hashes)."""
+        """One file of http/static/, revalidated on every load (no build step, no hashes)."""
         return web.FileResponse(
             WEB_DIR / name, headers={"Content-Type": f"{content_type}; charset=utf-8", **_NO_CACHE}
         )
@@ -55,9 +57,6 @@ async def get_modalities(request: web.Request) -> web.Response:
     Pages through the series summaries (at most 5000 series, cached 10 s per filter) because
     the index has no facet query; common modalities are added so the filter is never empty.
     """
-    # Imported here: kp_gateway.http may import this module to call setup_gallery.
-    from kp_gateway.http import INGEST_KEY
-
     project = request.query.get("project", "admin").lower()
     dataset = request.query.get("dataset") or None
     if len(project) > 64 or (dataset is not None and len(dataset) > 256):
@@ -90,7 +89,7 @@ async def get_modalities(request: web.Request) -> web.Response:
 
 
 def setup_gallery(app: web.Application) -> None:
-    """Add the gallery routes to `app` (built by :func:`kp_gateway.http.make_app`)."""
+    """Add the gallery routes to `app` (built by :func:`kp_gateway.http.app.make_app`)."""
     app[_CACHE_KEY] = {}
     app.router.add_get("/gallery", _file_handler("gallery.html"))
     app.router.add_get("/gallery/gallery.js", _file_handler("gallery.js"))

@@ -1,0 +1,202 @@
+"""The JSON API: projects, datasets, series, instances, thumbnails, validation reports and
+the quarantine.
+
+Handlers run on the event loop. The domain errors they raise become JSON responses in the
+error middleware (:mod:`kp_gateway.http.app`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from kp_gateway.backends.base import SeriesQuery
+from kp_gateway.config import PROJECT_NAME_RE
+from kp_gateway.errors import BackendRejectedError, RejectedInputError, UnknownProjectError
+from kp_gateway.http.appkeys import CONFIG_KEY, INGEST_KEY
+from kp_gateway.http.responses import json_error, stream_object
+
+MAX_PAGE = 500
+
+
+# -- projects and datasets ----------------------------------------------------------------
+
+
+async def _require_project(request: web.Request, name: str) -> str:
+    name = name.lower()
+    if not await request.app[INGEST_KEY].index.project_exists(name):
+        raise UnknownProjectError(f"project {name!r} does not exist")
+    return name
+
+
+async def get_projects(request: web.Request) -> web.Response:
+    """All projects with series counts."""
+    return web.json_response({"items": await request.app[INGEST_KEY].index.list_projects()})
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RejectedInputError(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise RejectedInputError("the body must be a JSON object")
+    return body
+
+
+async def post_project(request: web.Request) -> web.Response:
+    """Create a project ``{"name", "description"?}``."""
+    body = await _json_body(request)
+    name = body.get("name")
+    if not isinstance(name, str) or not PROJECT_NAME_RE.match(name):
+        raise RejectedInputError(
+            "name must match [a-z0-9][a-z0-9-]{0,12}: 'kp-' plus the name must fit the "
+            "16-character AE title"
+        )
+    description = body.get("description", "")
+    if not isinstance(description, str):
+        raise RejectedInputError("description must be a string")
+    index = request.app[INGEST_KEY].index
+    if await index.project_exists(name):
+        return json_error(409, "project_exists", f"project {name!r} already exists")
+    try:
+        project = await index.create_project(name, description)
+    except BackendRejectedError:
+        return json_error(409, "project_exists", f"project {name!r} already exists")
+    return web.json_response(project, status=201)
+
+
+async def delete_project(request: web.Request) -> web.Response:
+    """Delete a project's mappings; ``admin`` and the default project cannot be deleted."""
+    name = await _require_project(request, request.match_info["project"])
+    protected = {"admin", request.app[CONFIG_KEY].dicom.default_project}
+    if name in protected:
+        return json_error(409, "protected_project", f"project {name!r} cannot be deleted")
+    await request.app[INGEST_KEY].index.delete_project(name)
+    return web.json_response({"deleted": name})
+
+
+async def get_datasets(request: web.Request) -> web.Response:
+    """Datasets of a project with series and instance counts."""
+    name = await _require_project(request, request.match_info["project"])
+    return web.json_response({"items": await request.app[INGEST_KEY].index.list_datasets(name)})
+
+
+# -- series and instances -----------------------------------------------------------------
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RejectedInputError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise RejectedInputError(f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def _series_urls(uid: str) -> dict[str, str]:
+    return {
+        "url": f"/api/series/{uid}",
+        "instances_url": f"/api/series/{uid}/instances",
+        "thumbnail_url": f"/api/series/{uid}/thumbnail",
+        "report_url": f"/api/series/{uid}/validation",
+    }
+
+
+async def get_series_list(request: web.Request) -> web.Response:
+    """One page of a project's series, filtered."""
+    project = await _require_project(request, request.match_info["project"])
+    q = request.query
+    query = SeriesQuery(
+        project=project,
+        dataset=q.get("dataset") or None,
+        modality=q.get("modality") or None,
+        patient_id=q.get("patient_id") or None,
+        study_uid=q.get("study_uid") or None,
+        text=q.get("q") or None,
+        limit=_int_param(request, "limit", 50, 1, MAX_PAGE),
+        offset=_int_param(request, "offset", 0, 0, 10**9),
+    )
+    total, items = await request.app[INGEST_KEY].index.query_series(query)
+    for item in items:
+        item.update(_series_urls(item["series_uid"]))
+    return web.json_response({"total": total, "items": items})
+
+
+async def get_series(request: web.Request) -> web.Response:
+    """The series' document, projects, datasets, counts, completion and links."""
+    uid = request.match_info["series_uid"]
+    series = await request.app[INGEST_KEY].index.get_series(uid)
+    if series is None:
+        return json_error(404, "not_found", f"no series {uid}")
+    doc = series.get("document", {})
+    series["validation"] = doc.get("00111001 ValidationResults_object")
+    series.update(_series_urls(uid))
+    return web.json_response(series)
+
+
+async def get_series_instances(request: web.Request) -> web.Response:
+    """SOPInstanceUIDs of a series with sizes."""
+    uid = request.match_info["series_uid"]
+    instances = await request.app[INGEST_KEY].index.list_instances(uid)
+    if not instances:
+        return json_error(404, "not_found", f"no series {uid}")
+    for instance in instances:
+        instance["url"] = f"/api/instances/{instance['sop_uid']}"
+    return web.json_response({"total": len(instances), "items": instances})
+
+
+async def _stream_object(
+    request: web.Request, key: str, content_type: str, filename: str | None = None
+) -> web.StreamResponse:
+    headers = {"Content-Type": content_type}
+    if filename:
+        headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return await stream_object(request, request.app[INGEST_KEY].storage, key, headers)
+
+
+async def get_instance(request: web.Request) -> web.StreamResponse:
+    """The stored bytes of one instance, ``application/dicom``."""
+    sop = request.match_info["sop_uid"]
+    key = await request.app[INGEST_KEY].index.instance_key(sop)
+    if key is None:
+        return json_error(404, "not_found", f"no instance {sop}")
+    return await _stream_object(request, key, "application/dicom", f"{sop}.dcm")
+
+
+async def get_thumbnail(request: web.Request) -> web.StreamResponse:
+    """The series thumbnail PNG, once rendered."""
+    uid = request.match_info["series_uid"]
+    return await _stream_object(request, f"thumbnails/{uid}.png", "image/png")
+
+
+async def get_validation_report(request: web.Request) -> web.StreamResponse:
+    """The series validation report (HTML), once written."""
+    uid = request.match_info["series_uid"]
+    return await _stream_object(request, f"validation/{uid}.html", "text/html; charset=utf-8")
+
+
+async def get_quarantine(request: web.Request) -> web.Response:
+    """Items that kept failing, newest first."""
+    return web.json_response({"items": await request.app[INGEST_KEY].index.list_quarantine()})
+
+
+__all__ = [
+    "delete_project",
+    "get_datasets",
+    "get_instance",
+    "get_projects",
+    "get_quarantine",
+    "get_series",
+    "get_series_instances",
+    "get_series_list",
+    "get_thumbnail",
+    "get_validation_report",
+    "post_project",
+]

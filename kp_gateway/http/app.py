@@ -1,0 +1,197 @@
+"""The aiohttp application: the app factory, the error and token-authentication middlewares
+and the login form. The routes live in :mod:`~kp_gateway.http.api`,
+:mod:`~kp_gateway.http.health`, :mod:`~kp_gateway.http.pages` and, for uploads,
+:mod:`kp_gateway.upload`.
+
+Handlers run on the event loop. Domain errors become JSON ``{"error", "detail"}`` responses in
+one place, the error middleware, through :func:`kp_gateway.errors.http_status_for`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from kp_gateway.config import Config
+from kp_gateway.errors import GatewayError, error_code_for, http_status_for
+from kp_gateway.http.api import (
+    delete_project,
+    get_datasets,
+    get_instance,
+    get_projects,
+    get_quarantine,
+    get_series,
+    get_series_instances,
+    get_series_list,
+    get_thumbnail,
+    get_validation_report,
+    post_project,
+)
+from kp_gateway.http.appkeys import (
+    CONFIG_KEY,
+    HEALTH_KEY,
+    INGEST_KEY,
+    SERIES_STAGES_KEY,
+    TOKEN_KEY,
+    Health,
+)
+from kp_gateway.http.health import get_live, get_metrics, get_ready
+from kp_gateway.http.pages import setup_gallery
+from kp_gateway.http.responses import json_error
+from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.pipeline.series_stages import SeriesPostProcessor
+from kp_gateway.upload import UploadService, setup_uploads
+
+logger = logging.getLogger(__name__)
+
+SESSION_COOKIE = "kp_gateway_session"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def load_or_create_token(cfg: Config) -> tuple[str, bool]:
+    """The API token: ``KP_GATEWAY_HTTP_TOKEN``, else one stored in the data directory (0600).
+
+    Blocking; call at start-up. Returns the token and whether it was generated just now.
+    """
+    if cfg.http.token:
+        return cfg.http.token, False
+    path = cfg.data_dir / "token"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip(), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = path.open("x", encoding="utf-8")
+    path.chmod(0o600)
+    with fd:
+        fd.write(token + "\n")
+    return token, True
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate exceptions into JSON errors; the one place that does so for HTTP."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+    except GatewayError as exc:
+        status = http_status_for(exc)
+        headers = {"Retry-After": "5"} if status == 503 else {}
+        if status >= 500:
+            logger.warning("%s %s failed: %s", request.method, request.path, exc)
+        return json_error(status, error_code_for(exc), str(exc), **headers)
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(500, "internal", "internal error; see the gateway log")
+
+
+def _is_public(path: str) -> bool:
+    return path.startswith(("/health/", "/static/")) or path == "/metrics"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer token, session cookie, or ``?token=`` once (which sets the cookie)."""
+    cfg = request.app[CONFIG_KEY]
+    if not cfg.http.auth or _is_public(request.path) or request.path == "/login":
+        return await handler(request)
+    token = request.app[TOKEN_KEY]
+    offered = ""
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        offered = header[7:].strip()
+    elif SESSION_COOKIE in request.cookies:
+        offered = request.cookies[SESSION_COOKIE]
+    elif "token" in request.query:
+        offered = request.query["token"]
+        if hmac.compare_digest(offered, token) and request.method == "GET":
+            # As Jupyter does: trade the URL token for a cookie and drop it from the URL.
+            query = {k: v for k, v in request.query.items() if k != "token"}
+            response = web.HTTPFound(request.rel_url.with_query(query))
+            response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict")
+            raise response
+    if offered and hmac.compare_digest(offered, token):
+        return await handler(request)
+    if request.path.startswith("/api/"):
+        return json_error(
+            401, "unauthorized", "missing or wrong token", **{"WWW-Authenticate": "Bearer"}
+        )
+    raise web.HTTPFound(f"/login?next={request.rel_url}")
+
+
+async def get_login(request: web.Request) -> web.Response:
+    """A minimal login form that sets the session cookie."""
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>kp-gateway login</title>"
+        "<style>body{font-family:sans-serif;max-width:28rem;margin:4rem auto}"
+        "input{width:100%;padding:.5rem;margin:.5rem 0}</style></head><body>"
+        "<h1>kp-gateway</h1><p>Paste the token printed in the gateway's start-up log.</p>"
+        "<form method='post'><input type='password' name='token' autofocus>"
+        "<input type='submit' value='Log in'></form></body></html>"
+    )
+    return web.Response(text=page, content_type="text/html")
+
+
+async def post_login(request: web.Request) -> web.Response:
+    """Check the posted token and set the session cookie."""
+    form = await request.post()
+    offered = str(form.get("token", ""))
+    if not hmac.compare_digest(offered, request.app[TOKEN_KEY]):
+        return json_error(401, "unauthorized", "wrong token")
+    target = request.query.get("next", "/")
+    if not target.startswith("/") or target.startswith("//"):
+        target = "/"
+    response = web.HTTPFound(target)
+    response.set_cookie(SESSION_COOKIE, offered, httponly=True, samesite="Strict")
+    raise response
+
+
+def make_app(
+    cfg: Config,
+    ingest: IngestService,
+    token: str,
+    health: Health,
+    *,
+    uploads: UploadService | None = None,
+    series_stages: SeriesPostProcessor | None = None,
+) -> web.Application:
+    """Build the application; the caller runs it with AppRunner/TCPSite on its own loop."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app[CONFIG_KEY] = cfg
+    app[INGEST_KEY] = ingest
+    app[TOKEN_KEY] = token
+    app[HEALTH_KEY] = health
+    if series_stages is not None:
+        app[SERIES_STAGES_KEY] = series_stages
+    app.router.add_get("/health/live", get_live)
+    app.router.add_get("/health/ready", get_ready)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/login", get_login)
+    app.router.add_post("/login", post_login)
+    app.router.add_get("/api/projects", get_projects)
+    app.router.add_post("/api/projects", post_project)
+    app.router.add_delete("/api/projects/{project}", delete_project)
+    app.router.add_get("/api/projects/{project}/datasets", get_datasets)
+    app.router.add_get("/api/projects/{project}/series", get_series_list)
+    app.router.add_get("/api/series/{series_uid}", get_series)
+    app.router.add_get("/api/series/{series_uid}/instances", get_series_instances)
+    app.router.add_get("/api/series/{series_uid}/thumbnail", get_thumbnail)
+    app.router.add_get("/api/series/{series_uid}/validation", get_validation_report)
+    app.router.add_get("/api/instances/{sop_uid}", get_instance)
+    app.router.add_get("/api/quarantine", get_quarantine)
+    setup_gallery(app)
+    if uploads is not None:
+        # Routes for uploads, files, the upload page and /static/, plus the service lifecycle.
+        setup_uploads(app, uploads)
+    return app
+
+
+__all__ = ["load_or_create_token", "make_app"]
