@@ -22,10 +22,8 @@ from typing import IO
 from aiohttp import web
 
 from kp_gateway import config as config_mod
-from kp_gateway.archive import ArchiveLimits
 from kp_gateway.backends import make_index, make_storage
 from kp_gateway.config import Config
-from kp_gateway.convert.importer import NiftiUploadImporter
 from kp_gateway.dicom.scp import Scp
 from kp_gateway.errors import ConfigError
 from kp_gateway.http.app import load_or_create_token, make_app
@@ -36,7 +34,9 @@ from kp_gateway.pipeline.process_pool import forget_documented_series, make_proc
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from kp_gateway.pipeline.series_stages import make_process_pool as make_series_pool
 from kp_gateway.pipeline.spool import Spool
-from kp_gateway.upload import UploadLimits, UploadService
+from kp_gateway.upload.archive import ArchiveLimits
+from kp_gateway.upload.nifti import NiftiUploadImporter
+from kp_gateway.upload.service import UploadLimits, UploadService
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The aiohttp application: the app factory, the error and token-authentication middlewares
 and the login form. The routes live in :mod:`~kp_gateway.http.api`,
 :mod:`~kp_gateway.http.health`, :mod:`~kp_gateway.http.pages` and, for uploads,
-:mod:`kp_gateway.upload`.
+:mod:`kp_gateway.upload.service`.
 
 Handlers run on the event loop. Domain errors become JSON ``{"error", "detail"}`` responses in
 one place, the error middleware, through :func:`kp_gateway.errors.http_status_for`.
@@ -44,7 +44,7 @@ from kp_gateway.http.pages import setup_gallery
 from kp_gateway.http.responses import json_error
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
-from kp_gateway.upload import UploadService, setup_uploads
+from kp_gateway.upload.service import UploadService, setup_uploads
 
 logger = logging.getLogger(__name__)
 

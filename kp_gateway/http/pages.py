@@ -1,5 +1,5 @@
 """The HTML pages: the gallery page (CONTRACT section 5), ``GET /gallery`` and its script, style
-and one helper. (The upload page is still served by :mod:`kp_gateway.upload`.)
+and one helper. (The upload page is still served by :mod:`kp_gateway.upload.service`.)
 
 The page is static HTML with a small script that reads the JSON API (``/api/projects``,
 ``/api/projects/{p}/datasets``, ``/api/projects/{p}/series``, ``/api/series/{uid}``) with the

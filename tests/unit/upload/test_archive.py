@@ -1,4 +1,4 @@
-"""Unit tests for kp_gateway.archive: attack table, extraction, ZIP64, streaming memory."""
+"""Unit tests for kp_gateway.upload.archive: attack table, extraction, ZIP64, streaming memory."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kp_gateway.archive import (
+from kp_gateway.errors import PayloadTooLargeError, UnsafeArchiveError
+from kp_gateway.upload.archive import (
     ArchiveLimits,
     extract_member,
     is_zip,
@@ -25,7 +26,6 @@ from kp_gateway.archive import (
     normalise_member_name,
     open_member,
 )
-from kp_gateway.errors import PayloadTooLargeError, UnsafeArchiveError
 
 DEFAULT = ArchiveLimits()
 Entry = tuple[str | zipfile.ZipInfo, bytes]

@@ -1,6 +1,6 @@
 """The NIfTI importer of HTTP uploads: plan and convert in the process pool, emit case by case.
 
-:class:`NiftiUploadImporter` is the :data:`kp_gateway.upload_import.NiftiImporter` the app
+:class:`NiftiUploadImporter` is the :data:`kp_gateway.upload.importer.NiftiImporter` the app
 installs. It runs on the event loop; planning (:func:`plan_tree`) and conversion
 (:func:`convert_case_files`) run in the ingest process pool, never in the receiving interpreter
 (a converting thread would hold the GIL against pynetdicom's receive loop).
@@ -40,7 +40,7 @@ from kp_gateway.model import Routing
 
 if TYPE_CHECKING:
     from kp_gateway.convert.nifti_layout import CasePlan, NiftiPlan
-    from kp_gateway.upload_import import NiftiJob
+    from kp_gateway.upload.importer import NiftiJob
 
 __all__ = [
     "CaseFiles",

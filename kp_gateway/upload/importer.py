@@ -1,35 +1,26 @@
-"""The import half of HTTP uploads: the upload record, member sniffing and spooling, and the
-importer that feeds a received upload into the ingest pipeline.
+"""The import half of HTTP uploads: member spooling, the file helpers the upload service
+shares, and the importer that feeds a received upload into the ingest pipeline. The record is
+in :mod:`~kp_gateway.upload.record`, content sniffing in :mod:`~kp_gateway.upload.sniff`.
 
 Functions documented as blocking run on a worker thread via ``asyncio.to_thread``; the
-:class:`UploadImporter` coroutines run on the event loop. :mod:`kp_gateway.upload` owns the
-HTTP side (receiving, status, routes) and calls :meth:`UploadImporter.run`.
+:class:`UploadImporter` coroutines run on the event loop. :mod:`kp_gateway.upload.service`
+owns the HTTP side (receiving, status, routes) and calls :meth:`UploadImporter.run`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
 import errno
 import json
 import logging
 import os
 import shutil
-import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-from kp_gateway.archive import ArchiveLimits, ArchiveMember, list_members, open_member
 from kp_gateway.backends.fs import fsync_dir
 from kp_gateway.errors import (
     ConversionError,
@@ -37,159 +28,22 @@ from kp_gateway.errors import (
     PipelineFull,
     RejectedInputError,
     ShuttingDownError,
-    UnsupportedMediaError,
-    error_code_for,
 )
 from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.ingest import IngestService
-from kp_gateway.uids import is_valid_uid
+from kp_gateway.upload.archive import ArchiveLimits, ArchiveMember, list_members, open_member
+from kp_gateway.upload.record import MAX_LISTED_FILES, Upload
+from kp_gateway.upload.sniff import HEAD_BYTES, MemberKind, read_head, sniff, to_part10
 
 logger = logging.getLogger(__name__)
 
-HEAD_BYTES = 1024  # the Part-10 preamble, "DICM" and a NIfTI-1/2 header all fit
 _COPY_CHUNK_BYTES = 1 << 20
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# The user guide spells the basic layout's side-cars with "_" and with "-".
-_NIFTI_SIDECARS = (
-    "dataset.json",
-    "meta_data.json",
-    "meta-data.json",
-    "seg_info.json",
-    "seg-info.json",
-)
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-# Status documents are rewritten while importing; keep them small whatever the upload holds.
-MAX_LISTED_ERRORS = 1000
-MAX_LISTED_FILES = 10_000
-MAX_LISTED_SERIES = 10_000
-
-RECEIVING, IMPORTING, DONE, FAILED = "receiving", "importing", "done", "failed"
-KINDS = ("auto", "dicom", "nifti", "files")
 # Zip members extracted and admitted concurrently by one import (bounded: each holds one
 # extracted member in the spool and one worker thread).
 IMPORT_WINDOW = 4
 
 
-class MemberKind(enum.StrEnum):
-    """What a member (or a single-file upload) turned out to be."""
-
-    DICOM = "dicom"  # a Part-10 file, spooled byte for byte
-    RAW_DICOM = "raw_dicom"  # looks like a dataset without preamble; converted to Part-10
-    NIFTI = "nifti"  # a NIfTI image or one of its JSON side-cars
-    OTHER = "other"
-
-
-@dataclass(slots=True, kw_only=True)
-class Upload:
-    """One upload's durable status record (``<data dir>/uploads-state/<id>.json``).
-
-    Mutated on the event loop only; persisted by :class:`kp_gateway.upload.UploadService`.
-    """
-
-    id: str
-    protocol: str  # "post" or "tus"
-    project: str
-    dataset: str
-    kind: str
-    extension: str = ""
-    filename: str = ""
-    state: str = RECEIVING
-    detail: str = ""
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    finished_at: float | None = None
-    bytes_expected: int | None = None
-    bytes_received: int = 0
-    container: str = ""  # "zip" or "file", known once received
-    members_total: int = 0
-    members_done: int = 0  # import checkpoint: members before this index are spooled
-    files_seen: int = 0
-    files_skipped: int = 0
-    files_stored: int = 0
-    instances_submitted: int = 0
-    instances_imported: int = 0
-    instances_failed: int = 0
-    errors_total: int = 0
-    cases_total: int = 0  # NIfTI cases planned in the upload's tree
-    cases_done: int = 0  # converted and every file admitted to the pipeline
-    cases_failed: int = 0  # not converted; one error each, nothing of them imported
-    warnings_total: int = 0
-    resumes: int = 0
-    series: list[str] = field(default_factory=list)
-    files: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[dict[str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> Upload:
-        """Rebuild a record from its JSON; unknown keys (a newer version's) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON document that is persisted."""
-        return dataclasses.asdict(self)
-
-    def add_error(self, file: str, exc: BaseException | str, code: str = "") -> None:
-        """Record a per-file error (the list is capped; the total is not)."""
-        self.errors_total += 1
-        if len(self.errors) < MAX_LISTED_ERRORS:
-            if isinstance(exc, BaseException):
-                code, detail = code or error_code_for(exc), str(exc)
-            else:
-                detail = exc
-            self.errors.append({"file": file, "error": code or "rejected", "detail": detail})
-
-    def add_warning(self, message: str) -> None:
-        """Record a conversion warning (the list is capped; the total is not)."""
-        self.warnings_total += 1
-        if len(self.warnings) < MAX_LISTED_ERRORS:
-            self.warnings.append(message)
-
-    def add_series(self, uid: str) -> None:
-        """Remember a series this upload delivered to."""
-        if uid not in self.series and len(self.series) < MAX_LISTED_SERIES:
-            self.series.append(uid)
-
-
 # -- blocking helpers (worker threads) ----------------------------------------------------
-
-
-def looks_like_zip(head: bytes, filename: str) -> bool:
-    """Pure. True when a single upload must be opened as a zip (magic bytes or a .zip name)."""
-    return head[:4] in _ZIP_MAGICS or filename.lower().endswith(".zip")
-
-
-def sniff(head: bytes, name: str) -> MemberKind:
-    """Pure. Classify a file from its first bytes, and from its name for NIfTI only.
-
-    DICOM is recognised by its header, never by its name: a Part-10 file has "DICM" at offset
-    128 (PS3.10 7.1); a dataset without preamble starts with a group 0002 or 0008 element,
-    which :func:`to_part10` then confirms by parsing it.
-    """
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return MemberKind.DICOM
-    lower = name.lower()
-    if lower.endswith(_NIFTI_SUFFIXES) or lower.rsplit("/", 1)[-1] in _NIFTI_SIDECARS:
-        return MemberKind.NIFTI
-    if len(head) >= 8:
-        (group_le,) = struct.unpack("<H", head[:2])
-        (group_be,) = struct.unpack(">H", head[:2])
-        if group_le in (0x0002, 0x0008) or group_be == 0x0008:
-            return MemberKind.RAW_DICOM
-    return MemberKind.OTHER
-
-
-def read_head(path: Path) -> bytes:
-    """Blocking. The first :data:`HEAD_BYTES` bytes of `path`."""
-    with open(path, "rb") as fh:
-        return fh.read(HEAD_BYTES)
-
-
-def member_head(archive: Path, member: ArchiveMember, limits: ArchiveLimits) -> bytes:
-    """Blocking. The first :data:`HEAD_BYTES` decompressed bytes of one member."""
-    with open_member(archive, member, limits) as src:
-        return src.read(HEAD_BYTES)
 
 
 def spool_member(
@@ -197,7 +51,7 @@ def spool_member(
 ) -> tuple[Path, MemberKind]:
     """Blocking. Extract one member to a fresh ``tmp_dir/<uuid>.part`` (not yet fsynced).
 
-    Raises as :func:`kp_gateway.archive.open_member`; the partial file is removed on error.
+    Raises as :func:`kp_gateway.upload.archive.open_member`; the partial file is removed on error.
     """
     dst = tmp_dir / f"{uuid.uuid4().hex}.part"
     head = b""
@@ -225,50 +79,6 @@ def link_into(src: Path, tmp_dir: Path) -> Path:
     return dst
 
 
-def to_part10(src: Path) -> Path:
-    """Blocking. Rewrite a dataset without preamble (`src`) as a Part-10 file, in place.
-
-    The elements are written back in the encoding they were read in, under a file meta group
-    (PS3.10 7.1) naming that transfer syntax; `src` is replaced atomically.
-
-    Raises
-    ------
-    InvalidDicomError
-        The bytes do not parse as a dataset, or the SOP Class/Instance, Study or Series UID is
-        missing or invalid (a random file that merely starts with 08 00 ends here).
-    """
-    try:
-        ds = pydicom.dcmread(src, force=True)
-        uids = [
-            str(ds.get(k, ""))
-            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        ]
-        implicit, little = ds.original_encoding
-    except (PydicomInvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError) as exc:
-        raise InvalidDicomError(f"not a readable DICOM dataset ({exc})") from exc
-    if not all(is_valid_uid(uid) for uid in uids):
-        raise InvalidDicomError("not DICOM: no valid SOP Class, SOP Instance, Study or Series UID")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(uids[0])
-    meta.MediaStorageSOPInstanceUID = UID(uids[1])
-    if implicit:
-        meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    else:
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-    ds.file_meta = meta
-    # Group 0002 inside the dataset body is invalid in Part-10 and would be written twice.
-    for elem in [e for e in ds if e.tag.group == 0x0002]:
-        del ds[elem.tag]
-    dst = src.with_name(f"{src.stem}.p10.part")
-    try:
-        ds.save_as(dst, enforce_file_format=True)
-    except (ValueError, TypeError, OSError, struct.error) as exc:
-        dst.unlink(missing_ok=True)
-        raise InvalidDicomError(f"cannot write the dataset as Part-10 ({exc})") from exc
-    os.replace(dst, src)
-    return src
-
-
 def write_json_atomic(path: Path, payload: object, *, fsync: bool = True) -> None:
     """Blocking. Write `payload` as JSON to `path` via temp file + fsync + rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -280,22 +90,6 @@ def write_json_atomic(path: Path, payload: object, *, fsync: bool = True) -> Non
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
-
-
-def read_records(folder: Path) -> list[Upload]:
-    """Blocking. Every readable ``*.json`` upload record in `folder`, oldest first."""
-    found: list[Upload] = []
-    if not folder.is_dir():
-        return found
-    for leftover in folder.glob(".*.tmp"):  # a crash between write and rename
-        leftover.unlink(missing_ok=True)
-    for path in folder.glob("*.json"):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                found.append(Upload.from_dict(json.load(fh)))
-        except (OSError, ValueError, TypeError) as exc:
-            logger.error("unreadable upload record %s (%s); left in place", path, exc)
-    return sorted(found, key=lambda u: u.created_at)
 
 
 def fsync_file(path: Path) -> None:
@@ -691,69 +485,4 @@ def _move_into(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-__all__ = [
-    "KINDS",
-    "MemberKind",
-    "NiftiImporter",
-    "NiftiJob",
-    "Upload",
-    "UploadImporter",
-    "looks_like_zip",
-    "sniff",
-    "to_part10",
-]
-
-
-def inspect_body(
-    body: Path, filename: str, kind: str, extension: str, limits: ArchiveLimits
-) -> tuple[str, int]:
-    """Blocking. Check a fully received upload before it is accepted (answered 202).
-
-    Returns ``("zip", member count)`` or ``("file", 1)``. A single dataset without preamble
-    under ``kind=dicom`` is converted to Part-10 in place here, so that a non-DICOM file is
-    refused synchronously.
-
-    Raises
-    ------
-    UnsafeArchiveError, PayloadTooLargeError
-        From :func:`kp_gateway.archive.list_members`: corrupt, encrypted, traversal, bomb.
-    UnsupportedMediaError
-        Nothing the requested kind can import (no DICOM member under ``kind=dicom``).
-    InvalidDicomError
-        A single file under ``kind=dicom`` that is not DICOM.
-    """
-    head = read_head(body)
-    if not head:
-        raise RejectedInputError("the upload is empty")
-    if looks_like_zip(head, filename):
-        members = list_members(body, limits)
-        if not members:
-            raise UnsupportedMediaError("the archive holds no files (dot-files are ignored)")
-        ext = extension.lower()
-        if kind == "dicom" and not any(
-            (not ext or m.name.lower().endswith(ext)) and _member_is_dicom(body, m, limits)
-            for m in members
-        ):
-            raise UnsupportedMediaError(
-                "the archive holds no DICOM files" + (f" ending in {ext}" if ext else "")
-            )
-        if kind == "nifti" and not any(m.name.lower().endswith(_NIFTI_SUFFIXES) for m in members):
-            raise UnsupportedMediaError("the archive holds no .nii or .nii.gz files")
-        return "zip", len(members)
-    found = sniff(head, filename)
-    if kind == "dicom":
-        if found == MemberKind.RAW_DICOM:
-            to_part10(body)
-        elif found != MemberKind.DICOM:
-            raise InvalidDicomError("the upload is not a DICOM file (no DICM header, no dataset)")
-    if kind == "nifti" and found != MemberKind.NIFTI:
-        raise UnsupportedMediaError("the upload is not a .nii or .nii.gz file")
-    return "file", 1
-
-
-def _member_is_dicom(body: Path, member: ArchiveMember, limits: ArchiveLimits) -> bool:
-    try:
-        head = member_head(body, member, limits)
-    except RejectedInputError:
-        return False  # reported per file during the import
-    return sniff(head, member.name) in (MemberKind.DICOM, MemberKind.RAW_DICOM)
+__all__ = ["NiftiImporter", "NiftiJob", "UploadImporter"]

@@ -2,7 +2,7 @@
 records, uploaded files, the upload page and its static files.
 
 Handlers and :class:`UploadService` run on the event loop; file writes go to worker threads.
-The import itself (zip members into the pipeline) lives in :mod:`kp_gateway.upload_import`.
+The import itself (zip members into the pipeline) lives in :mod:`kp_gateway.upload.importer`.
 
 Routes (:func:`setup_uploads`)::
 
@@ -35,7 +35,6 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Histogram
 
-from kp_gateway.archive import ArchiveLimits, normalise_member_name
 from kp_gateway.config import Config
 from kp_gateway.errors import (
     GatewayError,
@@ -49,25 +48,20 @@ from kp_gateway.errors import (
 )
 from kp_gateway.http.responses import json_error, stream_object
 from kp_gateway.pipeline.ingest import IngestService
-from kp_gateway.upload_import import (
-    DONE,
-    FAILED,
-    IMPORTING,
-    KINDS,
-    RECEIVING,
+from kp_gateway.upload.archive import ArchiveLimits, normalise_member_name
+from kp_gateway.upload.importer import (
     NiftiImporter,
-    Upload,
     UploadImporter,
     fsync_file,
-    inspect_body,
-    read_records,
     remove_paths,
     write_json_atomic,
 )
+from kp_gateway.upload.record import DONE, FAILED, IMPORTING, KINDS, RECEIVING, Upload, read_records
+from kp_gateway.upload.sniff import inspect_body
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent / "http" / "static"
+WEB_DIR = Path(__file__).resolve().parent.parent / "http" / "static"
 TUS_VERSION = "1.0.0"
 TUS_BASE = "/api/uploads/tus"
 _DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
