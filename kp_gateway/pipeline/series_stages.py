@@ -74,13 +74,13 @@ from kp_gateway.kaapana.keys import (
 from kp_gateway.pipeline.core import cancel_tasks
 from kp_gateway.pipeline.process_pool import make_process_pool as worker_pool
 from kp_gateway.thumbnails import Thumbnail, referenced_series_uid, render_series_thumbnail
-from kp_gateway.validation import (
+from kp_gateway.validation.dciodvfy import (
     SeriesValidation,
     ValidatorUnavailableError,
     dciodvfy_path,
-    render_report_html,
     validate_series,
 )
+from kp_gateway.validation.report import render_report_html
 
 if TYPE_CHECKING:
     from kp_gateway.pipeline.ingest import IngestService
@@ -279,7 +279,7 @@ class SeriesPostProcessor:
     validation_timeout_s : float
         dciodvfy limit per file.
     validation_max_instances : int
-        Larger series are sampled (see :mod:`kp_gateway.validation`).
+        Larger series are sampled (see :mod:`kp_gateway.validation.dciodvfy`).
     validation_workers : int
         dciodvfy processes per series at once.
     concurrency : int

@@ -1,4 +1,4 @@
-"""Tests for kp_gateway.validation against the real dciodvfy (dicom3tools)."""
+"""Tests for kp_gateway.validation (dciodvfy and report) against the real dciodvfy (dicom3tools)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from kp_gateway.validation import (
+from kp_gateway.validation.dciodvfy import (
     Finding,
     SeriesValidation,
     ValidatorUnavailableError,
     parse_line,
-    render_report_html,
     sample_indices,
     validate_instance,
     validate_series,
 )
+from kp_gateway.validation.report import render_report_html
 
 needs_dciodvfy = pytest.mark.skipif(
     shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed"
