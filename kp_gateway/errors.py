@@ -17,7 +17,8 @@
         ├── BackendUnavailableError             transient (timeouts, disk full, connection) -> RETRY
         └── BackendRejectedError                permanent (bad bucket, constraint) -> FAIL
 
-Only ``scp.py`` and ``http.py`` turn these into wire statuses, through the two tables below.
+Only ``dicom/scp.py`` and ``http/app.py`` turn these into wire statuses, through the two tables
+below.
 """
 
 from __future__ import annotations
