@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,12 +15,13 @@ from typing import Any
 import pydicom
 import pytest
 
-from tests.conftest import dcmtk_env, make_ct_series, requires_dcmtk, wait_until
+from tests.conftest import ARTIFACTS, dcmtk_env, make_ct_series, requires_dcmtk, wait_until
 
 pytestmark = [pytest.mark.e2e, requires_dcmtk]
 
 SENDERS = 4
 PER_SENDER = 150
+RECOVERY_DEADLINE_S = 90.0
 
 
 def _acknowledged(log: Path, sop_by_file: dict[str, str]) -> set[str]:
@@ -48,10 +52,61 @@ def _instance_present(gw: Any, sop: str) -> bool:
         return False
 
 
+def _spooled_dicom(folder: Path) -> list[Path]:
+    return list((folder / "spool" / "incoming").glob("*/*.dcm"))
+
+
+def _sop_of(path: Path) -> str | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return str(ds.SOPInstanceUID)
+    except (OSError, pydicom.errors.InvalidDicomError, AttributeError):
+        return None  # removed while we looked (the pipeline finished it), or unreadable
+
+
+def _where(data_dir: Path, sops: set[str]) -> dict[str, str]:
+    """For each SOP Instance UID: in storage, in the spool, in quarantine, or nowhere."""
+    found: dict[str, str] = {}
+    for path in (data_dir / "dicom").glob("*/*/*.dcm"):
+        if path.stem in sops:
+            found[path.stem] = f"storage ({path.relative_to(data_dir)})"
+    for place, paths in (
+        ("spool", _spooled_dicom(data_dir)),
+        ("quarantine", list((data_dir / "quarantine").rglob("*.dcm"))),
+    ):
+        for path in paths:
+            sop = _sop_of(path)
+            if sop in sops:
+                found[sop] = f"{place} ({path.relative_to(data_dir)})"
+    return {sop: found.get(sop, "nowhere") for sop in sorted(sops)}
+
+
+def _keep_artefacts(tmp_path: Path, data_dir: Path, report: dict[str, Any]) -> Path:
+    """Gateway and storescu logs, a listing of the data folder and the report, kept."""
+    target = ARTIFACTS / "crash-recovery" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for log in (*tmp_path.glob("gateway-*.log"), *tmp_path.glob("storescu*.log")):
+        shutil.copyfile(log, target / log.name)
+    listing = sorted(
+        f"{p.stat().st_size:>10} {p.relative_to(data_dir)}"
+        for p in data_dir.rglob("*")
+        if p.is_file()
+    )
+    (target / "data-listing.txt").write_text("\n".join(listing) + "\n")
+    (target / "report.json").write_text(json.dumps(report, indent=1))
+    return target
+
+
 def test_kill_during_parallel_send_loses_no_acknowledged_instance(
     gateway_process: Any, tmp_path: Path
 ) -> None:
-    """Acknowledged instances are all stored and indexed after restart, without re-sending."""
+    """Acknowledged instances are all stored and indexed after restart, without re-sending.
+
+    The gateway may also hold instances it made durable but never acknowledged (the one in
+    flight per sender at the kill); those are replayed too, so a count of indexed instances
+    says nothing about any one acknowledged instance. The test therefore waits for each
+    acknowledged SOP Instance UID and for the spool to drain, and only then calls anything lost.
+    """
     folders = []
     sop_by_file: dict[str, str] = {}
     for n in range(SENDERS):
@@ -87,20 +142,24 @@ def test_kill_during_parallel_send_loses_no_acknowledged_instance(
     assert 0 < len(acknowledged) < SENDERS * PER_SENDER, len(acknowledged)
 
     restarted = gateway_process(data_dir)
-    wait_until(
-        lambda: (
-            sum(
-                d["instance_count"]
-                for d in restarted.get_json("/api/projects/admin/datasets")["items"]
-            )
-            >= len(acknowledged)
-        ),
-        timeout_s=60,
-        what="acknowledged instances indexed after restart",
-    )
-    missing = [sop for sop in sorted(acknowledged) if not _instance_present(restarted, sop)]
-    assert not missing, f"{len(missing)} acknowledged instances lost, e.g. {missing[:3]}"
-    wait_until(
-        lambda: not list((data_dir / "spool" / "incoming").glob("*/*.dcm")),
-        what="spool emptied",
-    )
+    waiting = set(acknowledged)
+    spool_drained = False
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while (waiting or not spool_drained) and time.monotonic() < deadline:
+        waiting = {sop for sop in waiting if not _instance_present(restarted, sop)}
+        spool_drained = not _spooled_dicom(data_dir)
+        if waiting or not spool_drained:
+            time.sleep(0.05)
+    if waiting or not spool_drained:
+        where = _where(data_dir, waiting)
+        report = {
+            "acknowledged": len(acknowledged),
+            "missing": where,
+            "spool_left": [str(p.relative_to(data_dir)) for p in _spooled_dicom(data_dir)],
+        }
+        kept = _keep_artefacts(tmp_path, data_dir, report)
+        pytest.fail(
+            f"{len(waiting)} of {len(acknowledged)} acknowledged instances not served "
+            f"{RECOVERY_DEADLINE_S:.0f} s after restart (spool drained: {spool_drained}); "
+            f"where each is: {dict(list(where.items())[:5])}; artefacts in {kept}"
+        )
