@@ -11,7 +11,7 @@ from typing import Any
 
 from kp_gateway import __version__
 from kp_gateway.config import load
-from kp_gateway.errors import ConfigError
+from kp_gateway.errors import ConfigError, DataDirLockedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,15 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return reindex.main(
                 cfg, restart=args.restart, series_stages=not args.skip_series_stages
             )
-        except ConfigError as exc:
+        except DataDirLockedError as exc:
             print(f"kp-gateway: {exc}", file=sys.stderr)
             return 2
     from kp_gateway.app import serve
 
     try:
         return asyncio.run(serve(cfg))
-    except ConfigError as exc:
-        # Only the data directory lock is checked after load(): another process holds it.
+    except DataDirLockedError as exc:
         print(f"kp-gateway: {exc}", file=sys.stderr)
         return 2
 

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO
 
 from aiohttp import web
 
 from kp_gateway import config as config_mod
 from kp_gateway.backends import make_index, make_storage
 from kp_gateway.config import Config
+from kp_gateway.datadir import load_or_create_token, lock_data_dir
 from kp_gateway.dicom.scp import Scp
-from kp_gateway.errors import ConfigError
-from kp_gateway.http.app import load_or_create_token, make_app
+from kp_gateway.http.app import make_app
 from kp_gateway.http.appkeys import Health
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
@@ -58,39 +55,11 @@ def _pool_size(cfg: Config) -> int:
     return cfg.pipeline.process_pool_size or os.cpu_count() or 2
 
 
-LOCK_FILE = ".lock"
-
-
-def lock_data_dir(data_dir: Path) -> IO[bytes]:
-    """Take the exclusive lock of a data directory; close the returned file to release it.
-
-    Blocking; call via asyncio.to_thread. ``serve`` and ``reindex`` both hold it for their
-    whole run, so neither can start on a data directory the other is using (``flock``: the
-    kernel drops it when the process dies, so a crash never leaves a stale lock).
-
-    Raises
-    ------
-    ConfigError
-        Another process holds the lock.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / LOCK_FILE, "ab")  # noqa: SIM115 - held until the caller closes it
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ConfigError(
-            f"Config 'storage.path' has value {str(data_dir)!r}: the data directory is in use "
-            "by another kp-gateway process (serve or reindex); stop it first."
-        ) from None
-    return handle
-
-
 @contextlib.asynccontextmanager
 async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
     """Lock the data directory, start every component, yield, then stop them in order.
 
-    Runs on the loop. Raises ConfigError when the data directory is locked by another process.
+    Runs on the loop. Raises DataDirLockedError when another process holds the data directory.
     """
     lock = await asyncio.to_thread(lock_data_dir, cfg.data_dir)
     try:
@@ -110,7 +79,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
     # Rendering gets its own low-priority pool: it must never queue ahead of header parsing.
     series_pool = make_series_pool(cfg.series.process_pool_size) if cfg.series.enabled else None
     spool = Spool(cfg.data_dir, fsync=cfg.storage.fsync)
-    token, generated = await asyncio.to_thread(load_or_create_token, cfg)
+    token, generated = await asyncio.to_thread(load_or_create_token, cfg.data_dir, cfg.http.token)
     await storage.open()
     await index.open()
     ingest = IngestService(

@@ -4,6 +4,7 @@
 
     GatewayError
     ├── ConfigError(GatewayError, ValueError)   start-up only; names the dotted key; exit code 2
+    ├── DataDirLockedError                      another serve or reindex holds storage.path; exit 2
     ├── RejectedInputError                      the sender's fault; never retried
     │   ├── InvalidDicomError                   undecodable, no SOP UIDs, bad file meta
     │   ├── UnknownProjectError                 called AE / ?project= names no project
@@ -16,6 +17,7 @@
     └── BackendError                            raised only by backends/*, always ``from`` the cause
         ├── BackendUnavailableError             transient (timeouts, disk full, connection) -> RETRY
         └── BackendRejectedError                permanent (bad bucket, constraint) -> FAIL
+            └── ObjectNotFoundError             storage has no object under that key
 
 Only ``dicom/scp.py`` and ``http/app.py`` turn these into wire statuses, through the two tables
 below.
@@ -30,6 +32,10 @@ class GatewayError(Exception):
 
 class ConfigError(GatewayError, ValueError):
     """A configuration key is unknown or has a bad value (start-up only)."""
+
+
+class DataDirLockedError(GatewayError):
+    """Another kp-gateway process (serve or reindex) holds the data directory's lock."""
 
 
 class RejectedInputError(GatewayError):
@@ -80,6 +86,10 @@ class BackendRejectedError(BackendError):
     """A permanent backend failure; retrying cannot help."""
 
 
+class ObjectNotFoundError(BackendRejectedError):
+    """Object storage holds nothing under the key (read or fetch of a missing object)."""
+
+
 # C-STORE response statuses, PS3.4 Annex B.2.3 and PS3.7 C.
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -98,6 +108,7 @@ _DIMSE_STATUS: tuple[tuple[type[BaseException], int], ...] = (
 _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, 400),
     (UnknownProjectError, 404),
+    (ObjectNotFoundError, 404),
     (PayloadTooLargeError, 413),
     (UnsupportedMediaError, 415),
     (ConversionError, 422),

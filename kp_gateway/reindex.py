@@ -47,7 +47,9 @@ from typing import IO, Any, TextIO
 
 from kp_gateway.backends.base import IndexBackend, IndexedInstance, SeriesQuery, StorageBackend
 from kp_gateway.config import Config
-from kp_gateway.errors import BackendError, InvalidDicomError
+from kp_gateway.datadir import DataDir, lock_data_dir
+from kp_gateway.durable import write_atomic
+from kp_gateway.errors import BackendError, InvalidDicomError, ObjectNotFoundError
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.kaapana.routing_record import ROUTING_PREFIX, RoutingRecord
 from kp_gateway.model import InstanceRecord, Routing
@@ -208,14 +210,8 @@ def read_checkpoint(cfg: Config) -> dict[str, Any] | None:
 
 def write_checkpoint(cfg: Config, last_key: str, *, keys_done: bool = False) -> None:
     """Atomically record the last key whose batch is committed. Blocking."""
-    path = cfg.data_dir / CHECKPOINT_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
     doc = {"storage": _storage_identity(cfg), "last_key": last_key, "keys_done": keys_done}
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(cfg.data_dir / CHECKPOINT_FILE, doc)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -390,7 +386,7 @@ class Reindexer:
                 record, built = await loop.run_in_executor(
                     self._pool, parse_for_reindex, str(path), docs, self._cfg.index.site_timezone
                 )
-        except KeyError:
+        except ObjectNotFoundError:
             logger.warning("object %s vanished while reindexing; skipped", key)
             return None
         except InvalidDicomError as exc:
@@ -532,12 +528,11 @@ async def reindex(
 
     Raises
     ------
-    ConfigError
+    DataDirLockedError
         The data directory is locked (the gateway or another reindex runs on it).
     BackendError
         The object store or the index failed; the checkpoint keeps what was committed.
     """
-    from kp_gateway.app import lock_data_dir
     from kp_gateway.backends import make_index, make_storage
 
     started = time.monotonic()
@@ -546,7 +541,7 @@ async def reindex(
     index = make_index(cfg)
     workers = cfg.pipeline.process_pool_size or os.cpu_count() or 2
     pool = make_process_pool(workers)
-    scratch = cfg.data_dir / "spool" / "tmp" / f"reindex-{os.getpid()}"
+    scratch = DataDir(cfg.data_dir).scratch / f"reindex-{os.getpid()}"
     try:
         await asyncio.to_thread(_clear_stale_scratch, scratch.parent)
         await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)

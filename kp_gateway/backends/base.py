@@ -2,21 +2,19 @@
 
 Every backend translates its library's exceptions at its edge into
 :class:`~kp_gateway.errors.BackendUnavailableError` (transient: retry) or
-:class:`~kp_gateway.errors.BackendRejectedError` (permanent), always ``from`` the original.
+:class:`~kp_gateway.errors.BackendRejectedError` (permanent), always ``from`` the original;
+a missing object is :class:`~kp_gateway.errors.ObjectNotFoundError`, a BackendRejectedError.
 All methods are coroutines called on the event loop.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from kp_gateway.model import InstanceRecord, Routing
-
-logger = logging.getLogger(__name__)
 
 
 class StorageBackend(Protocol):
@@ -47,12 +45,13 @@ class StorageBackend(Protocol):
         """Return the object's size, or None when it does not exist."""
 
     def read_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
-        """Stream the object; raises KeyError when it does not exist."""
+        """Stream the object; raises ObjectNotFoundError when it does not exist."""
 
     async def fetch_to_file(self, key: str, dest: Path) -> None:
         """Copy the object into the local file `dest` (created or replaced), streaming.
 
-        Raises KeyError when it does not exist; a partial `dest` is removed on failure.
+        Raises ObjectNotFoundError when it does not exist; a partial `dest` is removed on
+        failure.
         """
 
     def iter_keys(self, prefix: str = "", start_after: str = "") -> AsyncIterator[str]:
@@ -96,23 +95,6 @@ class IndexedInstance:
     record: InstanceRecord
     routing: Routing
     received_at: float
-
-
-def index_targets(routing: Routing, existing_projects: set[str], admin: str = "admin") -> list[str]:
-    """Projects a series is indexed under: always `admin`, plus its own project if it exists.
-
-    A project deleted while its association was open leaves the data visible in admin.
-    """
-    targets = [admin]
-    if routing.project != admin:
-        if routing.project in existing_projects:
-            targets.append(routing.project)
-        else:
-            logger.warning(
-                "project %s vanished before its series was indexed; mapped to admin only",
-                routing.project,
-            )
-    return targets
 
 
 class IndexBackend(Protocol):

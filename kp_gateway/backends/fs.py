@@ -11,24 +11,14 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
+from kp_gateway.datadir import DataDir
+from kp_gateway.durable import fsync_dir, link_or_copy, write_atomic
+from kp_gateway.errors import BackendRejectedError, BackendUnavailableError, ObjectNotFoundError
 
 logger = logging.getLogger(__name__)
 
 # ENOSPC and friends are transient from the sender's point of view: space may come back.
 _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.EMFILE}
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or new entry in it survives a power cut.
-
-    Blocking; call via asyncio.to_thread or from an association thread.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _map_os_error(exc: OSError, what: str) -> Exception:
@@ -45,7 +35,7 @@ class FsStorage:
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self._root = root
-        self._tmp = root / "spool" / "tmp"
+        self._tmp = DataDir(root).scratch
         self._fsync = fsync
 
     async def open(self) -> None:
@@ -85,16 +75,7 @@ class FsStorage:
         try:
             self._make_parent(dst)
             tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                os.link(src, tmp)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    raise
-                # Different filesystem or no hard links: copy, then fsync the copy.
-                shutil.copyfile(src, tmp)
-                if self._fsync:
-                    with open(tmp, "rb+") as fh:
-                        os.fsync(fh.fileno())
+            link_or_copy(src, tmp, fsync=self._fsync)
             os.replace(tmp, dst)
             if self._fsync and sync_dir:
                 fsync_dir(dst.parent)
@@ -123,15 +104,7 @@ class FsStorage:
         dst = self._path(key)
         try:
             self._make_parent(dst)
-            tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                if self._fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, dst)
-            if self._fsync:
-                fsync_dir(dst.parent)
+            write_atomic(dst, data, fsync=self._fsync)
         except OSError as exc:
             raise _map_os_error(exc, f"storing {key}") from exc
 
@@ -151,8 +124,8 @@ class FsStorage:
         path = self._path(key)
         try:
             fh = await asyncio.to_thread(open, path, "rb")
-        except FileNotFoundError:
-            raise KeyError(key) from None
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(f"no object {key}") from exc
         try:
             while chunk := await asyncio.to_thread(fh.read, chunk_bytes):
                 yield chunk
@@ -162,9 +135,9 @@ class FsStorage:
     def _fetch_sync(self, key: str, dest: Path) -> None:
         try:
             shutil.copyfile(self._path(key), dest)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             dest.unlink(missing_ok=True)
-            raise KeyError(key) from None
+            raise ObjectNotFoundError(f"no object {key}") from exc
         except OSError as exc:
             dest.unlink(missing_ok=True)
             raise _map_os_error(exc, f"reading {key}") from exc

@@ -32,18 +32,11 @@ from typing import Any, TypeVar
 import opensearchpy
 from opensearchpy import AsyncOpenSearch
 
-from kp_gateway.backends.base import IndexedInstance, SeriesQuery, index_targets
+from kp_gateway.backends.base import IndexedInstance, SeriesQuery
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
-from kp_gateway.kaapana.completion import missing_numbers
-from kp_gateway.kaapana.keys import (
-    ADMIN_PROJECT,
-    KEY_COMPLETE,
-    KEY_MAX_IN,
-    KEY_MIN_IN,
-    KEY_MISSING_IN,
-    KEY_THUMBNAIL,
-    KEY_VALIDATION,
-)
+from kp_gateway.kaapana.completion import completion_fields
+from kp_gateway.kaapana.keys import ADMIN_PROJECT, KEY_THUMBNAIL, KEY_VALIDATION
+from kp_gateway.kaapana.routing_record import index_targets
 
 logger = logging.getLogger(__name__)
 
@@ -428,7 +421,7 @@ class OpenSearchIndex:
         plans: dict[str, _SeriesPlan] = {}
         for item in batch:
             rec, routing, now = item.record, item.routing, item.received_at
-            targets = index_targets(routing, projects, ADMIN_PROJECT)
+            targets = index_targets(routing, projects)
             instance = {
                 "sop_uid": rec.sop_instance_uid,
                 "series_uid": rec.series_instance_uid,
@@ -546,13 +539,7 @@ class OpenSearchIndex:
                 count += 1
                 if hit["_source"].get("instance_number") is not None:
                     numbers.append(int(hit["_source"]["instance_number"]))
-            if not numbers and count == 1:
-                numbers = [1]  # Kaapana treats a lone instance without a number as number 1
-            missing = missing_numbers(numbers)
-            fields: dict[str, Any] = {KEY_COMPLETE: not missing, KEY_MISSING_IN: missing}
-            if numbers:
-                fields[KEY_MIN_IN] = min(numbers)
-                fields[KEY_MAX_IN] = max(numbers)
+            fields = completion_fields(numbers, count)
             await self.update_documents(uid, fields)
             if series.source is None:
                 return fields

@@ -31,7 +31,12 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from kp_gateway.errors import BackendError, BackendRejectedError, BackendUnavailableError
+from kp_gateway.errors import (
+    BackendError,
+    BackendRejectedError,
+    BackendUnavailableError,
+    ObjectNotFoundError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -379,13 +384,13 @@ class S3Storage:
                 return await client.get_object(Bucket=self.bucket, Key=key)
             except ClientError as exc:
                 if _is_missing(exc):
-                    raise KeyError(key) from None
+                    raise ObjectNotFoundError(f"no object {key} in bucket {self.bucket!r}") from exc
                 raise
 
     async def read_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
         """Stream the object in chunks of at most `chunk_bytes`; never holds it whole.
 
-        Raises KeyError when it does not exist, BackendError when the transfer fails.
+        Raises ObjectNotFoundError when it does not exist, BackendError when the transfer fails.
         """
         response = await self._get(key)
         body = response["Body"]
@@ -402,7 +407,8 @@ class S3Storage:
     async def fetch_to_file(self, key: str, dest: Path) -> None:
         """Download the object into the file `dest` (created or replaced), streaming.
 
-        Raises KeyError when it does not exist; a partial `dest` is removed on failure.
+        Raises ObjectNotFoundError when it does not exist; a partial `dest` is removed on
+        failure.
         """
         what = f"fetching {key} to {dest}"
         with _edge(what):

@@ -17,18 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kp_gateway.backends.base import IndexedInstance, SeriesQuery, index_targets
+from kp_gateway.backends.base import IndexedInstance, SeriesQuery
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
-from kp_gateway.kaapana.completion import missing_numbers
-from kp_gateway.kaapana.keys import (
-    ADMIN_PROJECT,
-    KEY_COMPLETE,
-    KEY_MAX_IN,
-    KEY_MIN_IN,
-    KEY_MISSING_IN,
-    KEY_THUMBNAIL,
-    KEY_VALIDATION,
-)
+from kp_gateway.kaapana.completion import completion_fields
+from kp_gateway.kaapana.keys import ADMIN_PROJECT, KEY_THUMBNAIL, KEY_VALIDATION
+from kp_gateway.kaapana.routing_record import index_targets
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +141,7 @@ class SqliteIndex:
         self, conn: sqlite3.Connection, item: IndexedInstance, projects: set[str]
     ) -> None:
         rec, routing, now = item.record, item.routing, item.received_at
-        targets = index_targets(routing, projects, ADMIN_PROJECT)
+        targets = index_targets(routing, projects)
         conn.execute(
             "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, "
             "transfer_syntax_uid, instance_number, number_of_frames, size, storage_key, "
@@ -264,16 +257,7 @@ class SqliteIndex:
             count = conn.execute(
                 "SELECT count(*) FROM instances WHERE series_uid = ?", (series_instance_uid,)
             ).fetchone()[0]
-            if not numbers and count == 1:
-                numbers = [1]  # Kaapana treats a lone instance without a number as number 1
-            missing = missing_numbers(numbers)
-            fields: dict[str, Any] = {
-                KEY_COMPLETE: not missing,
-                KEY_MISSING_IN: missing,
-            }
-            if numbers:
-                fields[KEY_MIN_IN] = min(numbers)
-                fields[KEY_MAX_IN] = max(numbers)
+            fields = completion_fields(numbers, count)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._update_documents(conn, series_instance_uid, fields)

@@ -17,6 +17,7 @@ from kp_gateway.config import PROJECT_NAME_RE
 from kp_gateway.errors import BackendRejectedError, RejectedInputError, UnknownProjectError
 from kp_gateway.http.appkeys import CONFIG_KEY, INGEST_KEY
 from kp_gateway.http.responses import json_error, stream_object
+from kp_gateway.kaapana.keys import ADMIN_PROJECT, KEY_VALIDATION
 
 MAX_PAGE = 500
 
@@ -71,7 +72,7 @@ async def post_project(request: web.Request) -> web.Response:
 async def delete_project(request: web.Request) -> web.Response:
     """Delete a project's mappings; ``admin`` and the default project cannot be deleted."""
     name = await _require_project(request, request.match_info["project"])
-    protected = {"admin", request.app[CONFIG_KEY].dicom.default_project}
+    protected = {ADMIN_PROJECT, request.app[CONFIG_KEY].dicom.default_project}
     if name in protected:
         return json_error(409, "protected_project", f"project {name!r} cannot be deleted")
     await request.app[INGEST_KEY].index.delete_project(name)
@@ -136,7 +137,7 @@ async def get_series(request: web.Request) -> web.Response:
     if series is None:
         return json_error(404, "not_found", f"no series {uid}")
     doc = series.get("document", {})
-    series["validation"] = doc.get("00111001 ValidationResults_object")
+    series["validation"] = doc.get(KEY_VALIDATION)
     series.update(_series_urls(uid))
     return web.json_response(series)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -52,25 +51,6 @@ SESSION_COOKIE = "kp_gateway_session"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def load_or_create_token(cfg: Config) -> tuple[str, bool]:
-    """The API token: ``KP_GATEWAY_HTTP_TOKEN``, else one stored in the data directory (0600).
-
-    Blocking; call at start-up. Returns the token and whether it was generated just now.
-    """
-    if cfg.http.token:
-        return cfg.http.token, False
-    path = cfg.data_dir / "token"
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip(), False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = path.open("x", encoding="utf-8")
-    path.chmod(0o600)
-    with fd:
-        fd.write(token + "\n")
-    return token, True
 
 
 @web.middleware
@@ -194,4 +174,4 @@ def make_app(
     return app
 
 
-__all__ = ["load_or_create_token", "make_app"]
+__all__ = ["make_app"]

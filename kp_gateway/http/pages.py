@@ -20,6 +20,7 @@ from aiohttp import web
 from kp_gateway.backends.base import SeriesQuery
 from kp_gateway.errors import RejectedInputError
 from kp_gateway.http.appkeys import INGEST_KEY
+from kp_gateway.kaapana.keys import ADMIN_PROJECT
 
 WEB_DIR = Path(__file__).parent / "static"
 # Offered in the modality filter even before such a series exists.
@@ -57,7 +58,7 @@ async def get_modalities(request: web.Request) -> web.Response:
     Pages through the series summaries (at most 5000 series, cached 10 s per filter) because
     the index has no facet query; common modalities are added so the filter is never empty.
     """
-    project = request.query.get("project", "admin").lower()
+    project = request.query.get("project", ADMIN_PROJECT).lower()
     dataset = request.query.get("dataset") or None
     if len(project) > 64 or (dataset is not None and len(dataset) > 256):
         raise RejectedInputError("project or dataset name too long")

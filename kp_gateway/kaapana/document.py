@@ -26,6 +26,27 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
+from kp_gateway.kaapana.keys import (
+    KEY_ANNOTATION_LABEL,
+    KEY_ANNOTATION_LABELS,
+    KEY_ARRIVED,
+    KEY_ARRIVED_DATE,
+    KEY_ARRIVED_HOUR,
+    KEY_BODY_PART,
+    KEY_CURATED_MODALITY,
+    KEY_DATASET,
+    KEY_DAY_OF_WEEK,
+    KEY_DERIVED_AGE,
+    KEY_ORIGINAL_DATASET,
+    KEY_ORIGINAL_PROJECT,
+    KEY_PROJECT,
+    KEY_SEGMENT_ALGORITHM,
+    KEY_TIME_TAG_USED,
+    KEY_TIMESTAMP,
+    SEG_ALGORITHM_NAME,
+    SEG_ALGORITHM_TYPE,
+)
+
 __all__ = ["build_series_document", "document_key"]
 
 logger = logging.getLogger(__name__)
@@ -107,8 +128,6 @@ _MODALITY: Final = "00080060 Modality_keyword"
 _IMAGE_TYPE: Final = "00080008 ImageType_keyword"
 _BIRTH_DATE: Final = "00100030 PatientBirthDate_date"
 _PATIENT_AGE: Final = "00101010 PatientAge_keyword"
-_PROTOCOL_ID: Final = "00120020 ClinicalTrialProtocolID_keyword"
-_SPONSOR_NAME: Final = "00120010 ClinicalTrialSponsorName_keyword"
 
 
 def document_key(tag: int | BaseTag, vr: str) -> str | None:
@@ -204,16 +223,16 @@ def build_series_document(
         document.update(_annotation_fields(ds, modality))
 
     timestamp, time_tag_used = _series_timestamp(document, zone, arrived)
-    document["00000000 Timestamp_datetime"] = _format_datetime(timestamp)
-    document["00000000 TimeTagUsed_keyword"] = time_tag_used
-    document["00000000 TimestampArrived_datetime"] = _format_datetime(arrived)
-    document["00000000 TimestampArrived_date"] = arrived.date().isoformat()
-    document["00000000 TimestampArrivedHour_integer"] = arrived.hour
-    document["00000000 DayOfWeek_integer"] = timestamp.weekday()
+    document[KEY_TIMESTAMP] = _format_datetime(timestamp)
+    document[KEY_TIME_TAG_USED] = time_tag_used
+    document[KEY_ARRIVED] = _format_datetime(arrived)
+    document[KEY_ARRIVED_DATE] = arrived.date().isoformat()
+    document[KEY_ARRIVED_HOUR] = arrived.hour
+    document[KEY_DAY_OF_WEEK] = timestamp.weekday()
 
     age = _derived_patient_age(document, timestamp.date())
     if age is not None:
-        document["00000000 DerivedPatientAge_integer"] = age
+        document[KEY_DERIVED_AGE] = age
     if isinstance(modality, str):
         image_type = document.get(_IMAGE_TYPE)
         is_localizer = (
@@ -222,18 +241,18 @@ def build_series_document(
             and len(image_type) >= 3
             and "LOCALIZER" in image_type
         )
-        document["00000000 CuratedModality_keyword"] = "XR" if is_localizer else modality
-    document["00000000 PredictedBodypart_keyword"] = "N/A"
+        document[KEY_CURATED_MODALITY] = "XR" if is_localizer else modality
+    document[KEY_BODY_PART] = "N/A"
 
     # Routing comes from the gateway; the sender's values are kept but never used for routing.
     for key, original_key in (
-        (_PROTOCOL_ID, "00000000 OriginalClinicalTrialProtocolID_keyword"),
-        (_SPONSOR_NAME, "00000000 OriginalClinicalTrialSponsorName_keyword"),
+        (KEY_PROJECT, KEY_ORIGINAL_PROJECT),
+        (KEY_DATASET, KEY_ORIGINAL_DATASET),
     ):
         if key in document:
             document[original_key] = document.pop(key)
-    document[_PROTOCOL_ID] = project
-    document[_SPONSOR_NAME] = dataset
+    document[KEY_PROJECT] = project
+    document[KEY_DATASET] = dataset
     return document
 
 
@@ -570,19 +589,19 @@ def _annotation_fields(ds: Dataset, modality: str) -> dict[str, Any]:
         found = {
             key: str(item.get(keyword)).strip()
             for key, keyword in (
-                ("00620008 SegmentAlgorithmType_keyword", "SegmentAlgorithmType"),
-                ("00620009 SegmentAlgorithmName_keyword", "SegmentAlgorithmName"),
+                (SEG_ALGORITHM_TYPE, "SegmentAlgorithmType"),
+                (SEG_ALGORITHM_NAME, "SegmentAlgorithmName"),
             )
             if item.get(keyword)
         }
         if found:
             algorithm = found
     fields: dict[str, Any] = {
-        "00000000 AnnotationLabel_keyword": labels,
-        "00000000 AnnotationLabelsList_keyword": ",".join(sorted(labels)) or None,
+        KEY_ANNOTATION_LABEL: labels,
+        KEY_ANNOTATION_LABELS: ",".join(sorted(labels)) or None,
     }
     if modality == "SEG" and algorithm:
-        fields["00620002 SegmentSequence_object_object"] = algorithm
+        fields[KEY_SEGMENT_ALGORITHM] = algorithm
     return fields
 
 

@@ -9,6 +9,32 @@ from __future__ import annotations
 
 ADMIN_PROJECT = "admin"
 
+# The routing the gateway decided (CONTRACT section 6); the sender's own values of these two
+# attributes move to the KEY_ORIGINAL_* keys.
+KEY_PROJECT = "00120020 ClinicalTrialProtocolID_keyword"
+KEY_DATASET = "00120010 ClinicalTrialSponsorName_keyword"
+KEY_ORIGINAL_PROJECT = "00000000 OriginalClinicalTrialProtocolID_keyword"
+KEY_ORIGINAL_DATASET = "00000000 OriginalClinicalTrialSponsorName_keyword"
+
+# Derived keys of every document (reference/kaapana-behaviour.md 3.4).
+KEY_TIMESTAMP = "00000000 Timestamp_datetime"
+KEY_TIME_TAG_USED = "00000000 TimeTagUsed_keyword"
+KEY_ARRIVED = "00000000 TimestampArrived_datetime"
+KEY_ARRIVED_DATE = "00000000 TimestampArrived_date"
+KEY_ARRIVED_HOUR = "00000000 TimestampArrivedHour_integer"
+KEY_DAY_OF_WEEK = "00000000 DayOfWeek_integer"
+KEY_DERIVED_AGE = "00000000 DerivedPatientAge_integer"
+KEY_CURATED_MODALITY = "00000000 CuratedModality_keyword"
+KEY_BODY_PART = "00000000 PredictedBodypart_keyword"
+# Derived keys of SEG and RTSTRUCT documents (3.4), and the sub-keys of the segment algorithm.
+KEY_ANNOTATION_LABEL = "00000000 AnnotationLabel_keyword"
+KEY_ANNOTATION_LABELS = "00000000 AnnotationLabelsList_keyword"
+KEY_SEGMENT_ALGORITHM = "00620002 SegmentSequence_object_object"
+SEG_ALGORITHM_TYPE = "00620008 SegmentAlgorithmType_keyword"
+SEG_ALGORITHM_NAME = "00620009 SegmentAlgorithmName_keyword"
+# A header key read back out of documents (the series an annotation references).
+KEY_SERIES_INSTANCE_UID = "0020000E SeriesInstanceUID_keyword"
+
 # Kaapana's derived completion and validation keys (reference/kaapana-behaviour.md 3.4).
 KEY_COMPLETE = "00000000 IsSeriesComplete_boolean"
 KEY_MIN_IN = "00000000 MinInstanceNumber_integer"
@@ -37,12 +63,27 @@ STATUS_UNAVAILABLE = "validator unavailable"
 
 __all__ = [
     "ADMIN_PROJECT",
+    "KEY_ANNOTATION_LABEL",
+    "KEY_ANNOTATION_LABELS",
+    "KEY_ARRIVED",
+    "KEY_ARRIVED_DATE",
+    "KEY_ARRIVED_HOUR",
+    "KEY_BODY_PART",
     "KEY_COMPLETE",
+    "KEY_CURATED_MODALITY",
+    "KEY_DATASET",
+    "KEY_DAY_OF_WEEK",
+    "KEY_DERIVED_AGE",
     "KEY_FRAMES_TOTAL",
     "KEY_MAX_IN",
     "KEY_MIN_IN",
     "KEY_MISSING_IN",
     "KEY_MULTIFRAME",
+    "KEY_ORIGINAL_DATASET",
+    "KEY_ORIGINAL_PROJECT",
+    "KEY_PROJECT",
+    "KEY_SEGMENT_ALGORITHM",
+    "KEY_SERIES_INSTANCE_UID",
     "KEY_SLICES_MISSING",
     "KEY_SLICE_GAPS",
     "KEY_SLICE_SPACING",
@@ -50,7 +91,11 @@ __all__ = [
     "KEY_THUMBNAIL",
     "KEY_THUMBNAIL_ERROR",
     "KEY_THUMBNAIL_STRATEGY",
+    "KEY_TIMESTAMP",
+    "KEY_TIME_TAG_USED",
     "KEY_VALIDATION",
+    "SEG_ALGORITHM_NAME",
+    "SEG_ALGORITHM_TYPE",
     "STATUS_UNAVAILABLE",
     "STATUS_VALIDATED",
     "VAL_DATE",

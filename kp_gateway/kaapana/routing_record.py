@@ -1,5 +1,6 @@
-"""The routing record of a series: the one place where the project and dataset a series was
-routed to survive the loss of the index.
+"""Where a series goes: the projects whose index holds its document (:func:`index_targets`),
+and its routing record, the one place where the project and dataset a series was routed to
+survive the loss of the index.
 
 The index stage writes one record per series, project and dataset before it commits;
 ``kp-gateway reindex`` reads them back::
@@ -8,18 +9,40 @@ The index stage writes one record per series, project and dataset before it comm
         {"project", "dataset", "calling_ae_title", "called_ae_title",
          "series_instance_uid", "document_sop_instance_uid", "received_at"}
 
-Pure: encoding and parsing only, no I/O.
+Pure: rules, encoding and parsing only, no I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
+from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.model import IngestItem, Routing
 
+logger = logging.getLogger(__name__)
+
 ROUTING_PREFIX = "routing/"
+
+
+def index_targets(routing: Routing, existing_projects: set[str]) -> list[str]:
+    """Projects a series is indexed under: always ``admin``, plus its own project if it exists.
+
+    A project deleted while its association was open leaves the data visible in admin. Pure
+    (it logs that case).
+    """
+    targets = [ADMIN_PROJECT]
+    if routing.project != ADMIN_PROJECT:
+        if routing.project in existing_projects:
+            targets.append(routing.project)
+        else:
+            logger.warning(
+                "project %s vanished before its series was indexed; mapped to admin only",
+                routing.project,
+            )
+    return targets
 
 
 def routing_record_key(series_instance_uid: str, project: str, dataset: str) -> str:
@@ -71,4 +94,10 @@ class RoutingRecord:
         )
 
 
-__all__ = ["ROUTING_PREFIX", "RoutingRecord", "routing_record", "routing_record_key"]
+__all__ = [
+    "ROUTING_PREFIX",
+    "RoutingRecord",
+    "index_targets",
+    "routing_record",
+    "routing_record_key",
+]

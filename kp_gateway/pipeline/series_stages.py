@@ -56,6 +56,7 @@ from kp_gateway.kaapana.keys import (
     KEY_MIN_IN,
     KEY_MISSING_IN,
     KEY_MULTIFRAME,
+    KEY_SERIES_INSTANCE_UID,
     KEY_SLICE_GAPS,
     KEY_SLICE_SPACING,
     KEY_SLICES_MISSING,
@@ -210,7 +211,7 @@ def referenced_series_in_document(doc: Any, *, inside: bool = False) -> set[str]
             found |= referenced_series_in_document(item, inside=inside)
     elif isinstance(doc, dict):
         for key, value in doc.items():
-            if inside and key == "0020000E SeriesInstanceUID_keyword" and isinstance(value, str):
+            if inside and key == KEY_SERIES_INSTANCE_UID and isinstance(value, str):
                 found.add(value)
             elif isinstance(value, dict | list):
                 nested = inside or "ReferencedSeriesSequence" in key
@@ -781,7 +782,7 @@ class SeriesPostProcessor:
                         for n, (key, path) in enumerate(zip(keys, local, strict=True))
                     ]
             except ExceptionGroup as failed:
-                # The first failure (BackendError, KeyError) is what the stages classify.
+                # The first failure (a BackendError) is what the stages classify.
                 raise failed.exceptions[0] from None
             yield [task.result() for task in tasks]
         finally:

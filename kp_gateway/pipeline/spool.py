@@ -29,7 +29,8 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from kp_gateway.backends.fs import fsync_dir
+from kp_gateway.datadir import DataDir
+from kp_gateway.durable import fsync_dir, fsync_file, write_atomic
 from kp_gateway.model import Routing
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ class Spool:
     """The spool folders of one data directory."""
 
     def __init__(self, data_dir: Path, *, fsync: bool = True) -> None:
-        self.root = data_dir / "spool"
-        self.tmp = self.root / "tmp"
+        layout = DataDir(data_dir)
+        self.root = layout.spool
+        self.tmp = layout.scratch
         self.receiving = self.root / "receiving"
         self.incoming = self.root / "incoming"
-        self.quarantine = data_dir / "quarantine"
+        self.quarantine = layout.quarantine
         self.fsync = fsync
 
     def create(self) -> None:
@@ -73,16 +75,9 @@ class Spool:
         """Create the folder of one source with its routing record, durably. Blocking."""
         folder = self.incoming / routing.source_id
         folder.mkdir(exist_ok=True)
-        tmp = folder / f".{ROUTING_FILE}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(asdict(routing), fh)
-            fh.flush()
-            if self.fsync:
-                os.fsync(fh.fileno())
-        os.replace(tmp, folder / ROUTING_FILE)
+        write_atomic(folder / ROUTING_FILE, asdict(routing), fsync=self.fsync)
         if self.fsync:
-            fsync_dir(folder)
-            fsync_dir(self.incoming)
+            fsync_dir(self.incoming)  # the new folder's own entry
         return folder
 
     def commit_file(self, src: Path | str, folder: Path, *, already_synced: bool = False) -> Path:
@@ -91,11 +86,7 @@ class Spool:
         `src` must be on the spool's filesystem (``tmp/``), so the move is an atomic rename.
         """
         if self.fsync and not already_synced:
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(src)
         dst = folder / f"{unique_name()}.dcm"
         os.rename(src, dst)
         if self.fsync:

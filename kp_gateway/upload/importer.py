@@ -1,5 +1,5 @@
-"""The import half of HTTP uploads: member spooling, the file helpers the upload service
-shares, and the importer that feeds a received upload into the ingest pipeline. The record is
+"""The import half of HTTP uploads: member spooling and the importer that feeds a received
+upload into the ingest pipeline. The record is
 in :mod:`~kp_gateway.upload.record`, content sniffing in :mod:`~kp_gateway.upload.sniff`.
 
 Functions documented as blocking run on a worker thread via ``asyncio.to_thread``; the
@@ -10,18 +10,15 @@ owns the HTTP side (receiving, status, routes) and calls :meth:`UploadImporter.r
 from __future__ import annotations
 
 import asyncio
-import errno
-import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kp_gateway.backends.fs import fsync_dir
+from kp_gateway.durable import link_or_copy, remove_paths
 from kp_gateway.errors import (
     ConversionError,
     InvalidDicomError,
@@ -65,49 +62,6 @@ def spool_member(
         dst.unlink(missing_ok=True)
         raise
     return dst, sniff(head, member.name)
-
-
-def link_into(src: Path, tmp_dir: Path) -> Path:
-    """Blocking. A new name for `src` in `tmp_dir`: a hard link, or a copy across filesystems."""
-    dst = tmp_dir / f"{uuid.uuid4().hex}.part"
-    try:
-        os.link(src, dst)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copyfile(src, dst)
-    return dst
-
-
-def write_json_atomic(path: Path, payload: object, *, fsync: bool = True) -> None:
-    """Blocking. Write `payload` as JSON to `path` via temp file + fsync + rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, separators=(",", ":"))
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        fsync_dir(path.parent)
-
-
-def fsync_file(path: Path) -> None:
-    """Blocking. fsync one file by name."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_paths(*paths: Path) -> None:
-    """Blocking. Unlink files and remove folders, ignoring what is already gone."""
-    for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def has_spooled_files(folders: list[Path]) -> bool:
@@ -378,7 +332,10 @@ class _Run:
             return
         upload.files_seen = 1
         head = await asyncio.to_thread(read_head, self.body)
-        path = await asyncio.to_thread(link_into, self.body, self.ingest.spool.tmp)
+        path = self.ingest.spool.tmp / f"{uuid.uuid4().hex}.part"
+        # No fsync of a copy here: the spool commit fsyncs a DICOM file, and storage or the
+        # NIfTI tree take their own copy of anything else.
+        await asyncio.to_thread(link_or_copy, self.body, path, fsync=False)
         await self._dispatch(path, sniff(head, upload.filename), upload.filename)
         upload.members_done = 1
         self.importer._on_change(upload)

@@ -36,6 +36,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Histogram
 
 from kp_gateway.config import Config
+from kp_gateway.datadir import DataDir
+from kp_gateway.durable import fsync_file, remove_paths, write_atomic
 from kp_gateway.errors import (
     GatewayError,
     PayloadTooLargeError,
@@ -47,15 +49,10 @@ from kp_gateway.errors import (
     http_status_for,
 )
 from kp_gateway.http.responses import json_error, stream_object
+from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.upload.archive import ArchiveLimits, normalise_member_name
-from kp_gateway.upload.importer import (
-    NiftiImporter,
-    UploadImporter,
-    fsync_file,
-    remove_paths,
-    write_json_atomic,
-)
+from kp_gateway.upload.importer import NiftiImporter, UploadImporter
 from kp_gateway.upload.record import DONE, FAILED, IMPORTING, KINDS, RECEIVING, Upload, read_records
 from kp_gateway.upload.sniff import inspect_body
 
@@ -202,7 +199,7 @@ class UploadService:
         self._ingest = ingest
         self.limits = limits or UploadLimits()
         self._nifti = nifti_importer
-        self.state_dir = cfg.data_dir / "uploads-state"
+        self.state_dir = DataDir(cfg.data_dir).uploads_state
         self._fsync = cfg.storage.fsync
         self._importer = UploadImporter(
             ingest,
@@ -308,7 +305,7 @@ class UploadService:
             if upload.id in self.records:  # not discarded meanwhile
                 doc = upload.to_dict()
                 path = self.state_dir / f"{upload.id}.json"
-                await asyncio.to_thread(write_json_atomic, path, doc, fsync=self._fsync)
+                await asyncio.to_thread(write_atomic, path, doc, fsync=self._fsync)
 
     async def _flush_dirty(self) -> None:
         for upload_id in list(self._dirty):
@@ -349,7 +346,7 @@ class UploadService:
                 f"unknown parameter(s) {', '.join(sorted(unknown))}; "
                 f"use {', '.join(sorted(_QUERY_KEYS - {'token'}))}"
             )
-        project = (query.get("project") or "admin").strip().lower()
+        project = (query.get("project") or ADMIN_PROJECT).strip().lower()
         default_dataset = f"upload-{datetime.date.today():%Y%m%d}"
         dataset = (query.get("dataset") or default_dataset).strip().lower()
         if not _DATASET_RE.match(dataset):

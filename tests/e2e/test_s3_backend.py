@@ -318,7 +318,7 @@ def test_fs_reindex_resumes_after_kill_and_reproduces_index(
 
 def test_serve_refuses_a_locked_data_dir(tmp_path: Path) -> None:
     """serve and reindex share the data directory lock; the second one exits 2 and says so."""
-    from kp_gateway.app import lock_data_dir
+    from kp_gateway.datadir import lock_data_dir
 
     data_dir = tmp_path / "data"
     lock = lock_data_dir(data_dir)

@@ -13,7 +13,7 @@ import pytest
 from kp_gateway.backends.base import StorageBackend
 from kp_gateway.backends.fs import FsStorage
 from kp_gateway.backends.s3 import S3Storage
-from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
+from kp_gateway.errors import BackendRejectedError, BackendUnavailableError, ObjectNotFoundError
 from tests.s3_support import MotoS3, unique_bucket
 from tests.s3_support import isolated_aws_env as isolated_aws_env
 
@@ -148,12 +148,13 @@ async def test_s3_cancelled_multipart_upload_is_aborted(tmp_path: Path, moto_s3:
 
 
 async def test_storage_missing_key(storage: StorageBackend, tmp_path: Path) -> None:
-    """A missing key: size None, read/fetch raise KeyError (no partial file), delete is quiet."""
+    """A missing key: size None, read/fetch raise ObjectNotFoundError (no partial file), delete
+    is quiet."""
     assert await storage.size("dicom/none/none/none.dcm") is None
-    with pytest.raises(KeyError):
+    with pytest.raises(ObjectNotFoundError):
         await read_all(storage, "dicom/none/none/none.dcm")
     dest = tmp_path / "never.dcm"
-    with pytest.raises(KeyError):
+    with pytest.raises(ObjectNotFoundError):
         await storage.fetch_to_file("dicom/none/none/none.dcm", dest)
     assert not dest.exists()
     await storage.delete("dicom/none/none/none.dcm")

@@ -15,6 +15,7 @@ from kp_gateway import errors as e
         (e.ShuttingDownError("x"), 0xA700),
         (e.BackendUnavailableError("x"), 0xA700),
         (e.BackendRejectedError("x"), 0xA700),
+        (e.ObjectNotFoundError("x"), 0xA700),
         (e.UnsafeArchiveError("x"), 0xC210),
         (RuntimeError("bug"), 0xC000),
     ],
@@ -36,6 +37,7 @@ def test_dimse_status_for_each_exception(exc: BaseException, status: int) -> Non
         (e.PipelineFull("x"), 503),
         (e.BackendUnavailableError("x"), 503),
         (e.BackendRejectedError("x"), 500),
+        (e.ObjectNotFoundError("x"), 404),
         (ValueError("bug"), 500),
     ],
 )
