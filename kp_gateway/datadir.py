@@ -30,36 +30,32 @@ from kp_gateway.durable import fsync_dir
 from kp_gateway.errors import DataDirLockedError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DataDir:
-    """The paths of one data directory (computed, never created here)."""
+    """The paths of one data directory, computed by :meth:`at` (nothing is created here)."""
 
     root: Path
+    lock_file: Path
+    token_file: Path
+    spool: Path
+    scratch: Path
+    quarantine: Path
+    uploads_state: Path
 
-    @property
-    def lock_file(self) -> Path:
-        return self.root / ".lock"
-
-    @property
-    def token_file(self) -> Path:
-        return self.root / "token"
-
-    @property
-    def spool(self) -> Path:
-        return self.root / "spool"
-
-    @property
-    def scratch(self) -> Path:
-        """``spool/tmp``: on the spool's filesystem, so a finished file is renamed, not copied."""
-        return self.spool / "tmp"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def uploads_state(self) -> Path:
-        return self.root / "uploads-state"
+    @classmethod
+    def at(cls, root: Path) -> DataDir:
+        """The layout under `root` (see the module docstring)."""
+        spool = root / "spool"
+        return cls(
+            root=root,
+            lock_file=root / ".lock",
+            token_file=root / "token",
+            spool=spool,
+            # On the spool's filesystem, so a finished file is renamed into place, not copied.
+            scratch=spool / "tmp",
+            quarantine=root / "quarantine",
+            uploads_state=root / "uploads-state",
+        )
 
 
 def lock_data_dir(data_dir: Path) -> IO[bytes]:
@@ -75,7 +71,7 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
         Another process holds the lock.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = DataDir(data_dir).lock_file
+    path = DataDir.at(data_dir).lock_file
     handle = open(path, "ab")  # noqa: SIM115 - held until the caller closes it
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -98,7 +94,7 @@ def load_or_create_token(data_dir: Path, configured: str = "") -> tuple[str, boo
     """
     if configured:
         return configured, False
-    path = DataDir(data_dir).token_file
+    path = DataDir.at(data_dir).token_file
     if path.exists():
         return path.read_text(encoding="utf-8").strip(), False
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -541,7 +541,7 @@ async def reindex(
     index = make_index(cfg)
     workers = cfg.pipeline.process_pool_size or os.cpu_count() or 2
     pool = make_process_pool(workers)
-    scratch = DataDir(cfg.data_dir).scratch / f"reindex-{os.getpid()}"
+    scratch = DataDir.at(cfg.data_dir).scratch / f"reindex-{os.getpid()}"
     try:
         await asyncio.to_thread(_clear_stale_scratch, scratch.parent)
         await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ class FsStorage:
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self._root = root
-        self._tmp = DataDir(root).scratch
+        self._tmp = DataDir.at(root).scratch
         self._fsync = fsync
 
     async def open(self) -> None:

@@ -52,7 +52,7 @@ class Spool:
     """The spool folders of one data directory."""
 
     def __init__(self, data_dir: Path, *, fsync: bool = True) -> None:
-        layout = DataDir(data_dir)
+        layout = DataDir.at(data_dir)
         self.root = layout.spool
         self.tmp = layout.scratch
         self.receiving = self.root / "receiving"

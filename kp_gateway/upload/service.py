@@ -199,7 +199,7 @@ class UploadService:
         self._ingest = ingest
         self.limits = limits or UploadLimits()
         self._nifti = nifti_importer
-        self.state_dir = DataDir(cfg.data_dir).uploads_state
+        self.state_dir = DataDir.at(cfg.data_dir).uploads_state
         self._fsync = cfg.storage.fsync
         self._importer = UploadImporter(
             ingest,

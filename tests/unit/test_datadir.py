@@ -31,13 +31,13 @@ def test_lock_held_twice_raises_data_dir_locked(tmp_path: Path) -> None:
 def test_lock_creates_the_data_dir_and_its_lock_file(tmp_path: Path) -> None:
     data_dir = tmp_path / "new" / "data"
     lock_data_dir(data_dir).close()
-    assert DataDir(data_dir).lock_file.is_file()
+    assert DataDir.at(data_dir).lock_file.is_file()
 
 
 def test_token_generated_once_with_mode_0600_then_reused(tmp_path: Path) -> None:
     token, generated = load_or_create_token(tmp_path)
     assert generated and len(token) >= 32
-    path = DataDir(tmp_path).token_file
+    path = DataDir.at(tmp_path).token_file
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text(encoding="utf-8") == token + "\n"
     assert load_or_create_token(tmp_path) == (token, False)
@@ -48,14 +48,14 @@ def test_env_token_wins_and_writes_nothing(tmp_path: Path) -> None:
     environ = {"KP_GATEWAY_STORAGE_PATH": str(tmp_path), "KP_GATEWAY_HTTP_TOKEN": "from-env"}
     cfg = load(environ=environ)
     assert load_or_create_token(cfg.data_dir, cfg.http.token) == ("from-env", False)
-    assert not DataDir(cfg.data_dir).token_file.exists()
+    assert not DataDir.at(cfg.data_dir).token_file.exists()
     stored, _ = load_or_create_token(cfg.data_dir)
     assert load_or_create_token(cfg.data_dir, cfg.http.token) == ("from-env", False)
     assert load_or_create_token(cfg.data_dir) == (stored, False)
 
 
 def test_layout_paths(tmp_path: Path) -> None:
-    layout = DataDir(tmp_path)
+    layout = DataDir.at(tmp_path)
     assert layout.spool == tmp_path / "spool"
     assert layout.scratch == tmp_path / "spool" / "tmp"
     assert layout.quarantine == tmp_path / "quarantine"
