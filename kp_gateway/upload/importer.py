@@ -1,6 +1,6 @@
 """The import half of HTTP uploads: member spooling and the importer that feeds a received
-upload into the ingest pipeline. The record is
-in :mod:`~kp_gateway.upload.record`, content sniffing in :mod:`~kp_gateway.upload.sniff`.
+upload into the ingest pipeline. The record is in :mod:`~kp_gateway.upload.record`, content
+sniffing in :mod:`~kp_gateway.upload.sniff`, the durable-file helpers in :mod:`kp_gateway.durable`.
 
 Functions documented as blocking run on a worker thread via ``asyncio.to_thread``; the
 :class:`UploadImporter` coroutines run on the event loop. :mod:`kp_gateway.upload.service`
@@ -333,8 +333,8 @@ class _Run:
         upload.files_seen = 1
         head = await asyncio.to_thread(read_head, self.body)
         path = self.ingest.spool.tmp / f"{uuid.uuid4().hex}.part"
-        # No fsync of a copy here: the spool commit fsyncs a DICOM file, and storage or the
-        # NIfTI tree take their own copy of anything else.
+        # fsync=False: the spool commit fsyncs a DICOM file; nothing else is acknowledged from
+        # this copy (storage writes its own, NIfTI is converted).
         await asyncio.to_thread(link_or_copy, self.body, path, fsync=False)
         await self._dispatch(path, sniff(head, upload.filename), upload.filename)
         upload.members_done = 1
