@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the gateway and its tests use as real peers and tools.
 APT_RUN_PACKAGES := dcmtk dicom3tools
-APT_TEST_PACKAGES := $(APT_RUN_PACKAGES) chromium
+APT_TEST_PACKAGES := $(APT_RUN_PACKAGES) chromium orthanc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint typecheck pytest system-deps system-test-deps bench clean
@@ -28,7 +28,6 @@ pytest: $(VENV)/.stamp-test
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: system-test-deps $(VENV)/.stamp-test
-	@command -v Orthanc >/dev/null || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc
 	$(BIN)/python bench/run_bench.py $(ARGS)
 
 # apt-get only when a tool is missing, so repeated runs stay fast and offline.
@@ -42,9 +41,13 @@ system-deps:
 	fi
 
 system-test-deps: system-deps
-	@command -v chromium >/dev/null || { \
-	  echo "installing: chromium"; \
-	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

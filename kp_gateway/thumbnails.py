@@ -21,10 +21,12 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 from pydicom.pixels.utils import iter_pixels, pixel_array
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     RTStructureSetStorage,
     SegmentationStorage,
     VLWholeSlideMicroscopyImageStorage,
@@ -220,10 +222,26 @@ def _read_headers(paths: Sequence[PathType]) -> list[tuple[PathType, Dataset]]:
     return headers
 
 
+def _pixel_source(path: PathType) -> PathType | Dataset:
+    """What pydicom's pixel functions should read for `path`: the file, or its inflated dataset.
+
+    ``pixel_array``/``iter_pixels`` given a path read the dataset's bytes as they lie in the
+    file; in Deflated Explicit VR Little Endian (PS3.5 A.5) those bytes are a zlib stream, in
+    which they find no Pixel Data. ``dcmread`` inflates, so a deflated file is read whole.
+    """
+    try:
+        transfer_syntax = read_file_meta_info(path).get("TransferSyntaxUID")
+    except (InvalidDicomError, OSError, EOFError):
+        return path  # no readable file meta: let the decoder report what is wrong
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return dcmread(path)
+    return path
+
+
 def _decode(path: PathType, frame: int) -> npt.NDArray[Any]:
     """Decode one frame; YBR is converted to RGB."""
     try:
-        return pixel_array(path, index=frame)
+        return pixel_array(_pixel_source(path), index=frame)
     except Exception as exc:
         # pydicom's handlers raise many types (RuntimeError, NotImplementedError, ...).
         raise ValueError(f"cannot decode pixel data of {os.fspath(path)}: {exc}") from exc
@@ -564,8 +582,9 @@ def _render_seg(header: tuple[PathType, Dataset], reference: _Reference, size_px
         return _render_seg(header, _Reference(()), size_px)
     stats: dict[Any, dict[int, float]] = {}
     try:
+        source = _pixel_source(path)
         # Frame by frame, so a large SEG never has to be decoded into memory at once.
-        for i, frame in enumerate(iter_pixels(path)):
+        for i, frame in enumerate(iter_pixels(source)):
             for number, mask in _seg_labels(frame, numbers[i], threshold).items():
                 if keys[i] is not None:
                     areas = stats.setdefault(keys[i], {})
@@ -576,7 +595,7 @@ def _render_seg(header: tuple[PathType, Dataset], reference: _Reference, size_px
         best = _best(stats)
         chosen = [i for i, key in enumerate(keys) if key == best]
         masks: dict[int, BoolArray] = {}
-        for i, frame in zip(chosen, iter_pixels(path, indices=chosen), strict=True):
+        for i, frame in zip(chosen, iter_pixels(source, indices=chosen), strict=True):
             for number, mask in _seg_labels(frame, numbers[i], threshold).items():
                 masks[number] = masks[number] | mask if number in masks else mask
     except Exception as exc:
@@ -743,7 +762,7 @@ def _render_wsi(images: list[tuple[PathType, Dataset]], size_px: int) -> Thumbna
         # are the first focal plane and optical path.
         count = min(frames, across * down)
         try:
-            tiles = list(iter_pixels(path, indices=range(count)))
+            tiles = list(iter_pixels(_pixel_source(path), indices=range(count)))
         except Exception as exc:
             raise ValueError(f"cannot decode pixel data of {os.fspath(path)}: {exc}") from exc
         pixels = np.zeros(

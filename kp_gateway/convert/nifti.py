@@ -26,7 +26,9 @@ Decisions, each a fix of Kaapana's converter (kaapana-behaviour.md section 8):
   differs from the original by at most ``slope / 2`` (plus about 1e-12 relative error from the
   16-character DS encoding, which is included when the stored values are computed). A NIfTI
   that stores 16-bit integers with ``scl_slope``/``scl_inter`` keeps its own integers and
-  scaling, which is exact. NaN or infinite voxels are refused.
+  scaling, which is exact. NaN or infinite voxels (resampled images have them outside the field
+  of view) are stored as PixelPaddingValue, a stored value outside the finite voxels' range (the
+  top stored value is kept free for it), with a warning; every finite voxel keeps the bounds above.
 * **SOP classes.** Modality CT gives CT Image Storage, MR gives MR Image Storage, every other
   image modality Secondary Capture Image Storage with the Image Plane attributes added (dciodvfy
   reports no errors for any of them). One instance per slice, InstanceNumber from 1.
@@ -141,6 +143,7 @@ class _Pixels:
     real_min: float
     real_max: float
     warnings: tuple[str, ...]
+    padding: int | None = None  # PixelPaddingValue in stored units, for NaN/infinite voxels
 
 
 def _uid(*parts: str) -> str:
@@ -220,9 +223,17 @@ def _orientation_letters(direction: npt.NDArray[np.float64]) -> str:
     return "".join(letters)
 
 
-def _all_integral(data: npt.NDArray[np.generic]) -> bool:
-    """True if every value of a float array is a whole number (slice by slice, to save memory)."""
-    return all(np.array_equal(plane, np.round(plane)) for plane in np.moveaxis(data, 2, 0))
+def _all_integral(
+    data: npt.NDArray[np.generic], finite: npt.NDArray[np.bool_] | None = None
+) -> bool:
+    """True if every (finite) value of a float array is whole (slice by slice, to save memory)."""
+    for k in range(data.shape[2]):
+        plane = data[:, :, k]
+        if finite is not None:
+            plane = plane[finite[:, :, k]]
+        if not np.array_equal(plane, np.round(plane)):
+            return False
+    return True
 
 
 def _fit_integers(values: npt.NDArray[np.generic]) -> tuple[np.ndarray, int] | None:
@@ -237,48 +248,94 @@ def _fit_integers(values: npt.NDArray[np.generic]) -> tuple[np.ndarray, int] | N
     return None
 
 
+def _padding_code(stored: npt.NDArray[np.generic]) -> int | None:
+    """A stored value outside the data's stored range, at an end of the 16-bit type, if free."""
+    lo, hi = int(stored.min()), int(stored.max())
+    if stored.dtype == np.int16:
+        return -32768 if lo > -32768 else (32767 if hi < 32767 else None)
+    return _UINT16_MAX if hi < _UINT16_MAX else (0 if lo > 0 else None)
+
+
+def _with_padding(pixels: _Pixels, padded: npt.NDArray[np.bool_] | None, name: str) -> _Pixels:
+    """Write PixelPaddingValue (PS3.3 C.7.5.1.1.2) where the NIfTI had NaN or infinity."""
+    if padded is None:
+        return pixels
+    code = _padding_code(pixels.stored)  # padded voxels hold the minimum until now
+    if code is None:  # pragma: no cover - callers leave the top code free
+        raise ConversionError(f"{name}: no stored value is free for the NaN voxels")
+    pixels.stored[padded] = code
+    count = int(np.count_nonzero(padded))
+    warning = (
+        f"{name}: {count} NaN or infinite voxels stored as PixelPaddingValue {code} "
+        "(outside the data's values)"
+    )
+    return dataclasses.replace(pixels, padding=code, warnings=(*pixels.warnings, warning))
+
+
 def _encode(data: npt.NDArray[np.generic], img: nib.Nifti1Image, name: str) -> _Pixels:
-    """Choose the stored 16-bit representation and the rescale of one volume."""
+    """Choose the stored 16-bit representation and the rescale of one volume.
+
+    NaN and infinite voxels (resampled or registered images carry them outside the field of
+    view) become PixelPaddingValue: a stored value outside the range the finite voxels use.
+    """
     if data.dtype.kind == "b":
         data = data.astype(np.uint8)
     if data.dtype.kind not in "iuf":
         raise ConversionError(f"{name}: voxel type {data.dtype} cannot be stored as grayscale")
     if data.size == 0:
         raise ConversionError(f"{name}: the image has no voxels")
-    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        raise ConversionError(f"{name}: NaN or infinite voxels cannot be stored in DICOM")
-    real_min, real_max = float(data.min()), float(data.max())
+    finite: npt.NDArray[np.bool_] | None = None
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if finite.all():
+            finite = None
+        elif not finite.any():
+            raise ConversionError(f"{name}: every voxel is NaN or infinite")
+    padded = None if finite is None else ~finite
+    if finite is None:
+        real_min, real_max = float(data.min()), float(data.max())
+    else:
+        real_min = float(np.min(data, where=finite, initial=np.inf))
+        real_max = float(np.max(data, where=finite, initial=-np.inf))
 
     # A NIfTI storing integers with scl_slope/scl_inter: keep its integers and its scaling,
     # which is exact, instead of re-quantising the scaled floats.
     slope, inter = img.dataobj.slope, img.dataobj.inter  # type: ignore[attr-defined]
-    if data.dtype.kind == "f" and (slope, inter) != (1.0, 0.0):
+    if data.dtype.kind == "f" and (slope, inter) != (1.0, 0.0) and finite is None:
         raw = np.asanyarray(img.dataobj.get_unscaled()).reshape(data.shape)  # type: ignore[attr-defined]
         if raw.dtype.kind in "iu":
             fitted = _fit_integers(raw)
             if fitted is not None and fitted[1] == 0:
                 return _Pixels(fitted[0], _ds(slope), _ds(inter), real_min, real_max, warnings=())
 
-    if data.dtype.kind == "f" and _all_integral(data) and abs(real_min) < 2**53:
-        data = data.astype(np.int64)
+    if data.dtype.kind == "f" and _all_integral(data, finite) and abs(real_min) < 2**53:
+        data = (data if finite is None else np.where(finite, data, real_min)).astype(np.int64)
+    # With padding, the top stored value stays free for it.
+    top = _UINT16_MAX if padded is None else _UINT16_MAX - 1
     warnings: tuple[str, ...] = ()
     if data.dtype.kind in "iu":
         fitted = _fit_integers(data)
-        if fitted is not None:
-            return _Pixels(fitted[0], "1", str(fitted[1]), real_min, real_max, warnings=())
+        if fitted is not None and (padded is None or _padding_code(fitted[0]) is not None):
+            pixels = _Pixels(fitted[0], "1", str(fitted[1]), real_min, real_max, warnings=())
+            return _with_padding(pixels, padded, name)
+        reason = "exceeds 16 bits" if fitted is None else "leaves no 16-bit value for padding"
         warnings = (
-            f"{name}: integer range {real_min:.0f}..{real_max:.0f} exceeds 16 bits; values "
-            f"rescaled, maximum error {(real_max - real_min) / _UINT16_MAX / 2:.6g}",
+            f"{name}: integer range {real_min:.0f}..{real_max:.0f} {reason}; values "
+            f"rescaled, maximum error {(real_max - real_min) / top / 2:.6g}",
         )
-    slope_s = "1" if real_max == real_min else _ds((real_max - real_min) / _UINT16_MAX)
+    slope_s = "1" if real_max == real_min else _ds((real_max - real_min) / top)
     intercept_s = _ds(real_min)
     # Quantise with the decoded DS values, so the bound holds for what readers compute.
     stored = np.empty(data.shape, dtype=np.uint16)
     for k in range(data.shape[2]):
         # Slice by slice: a float64 copy of a whole 512x512x200 volume would be 400 MB.
-        plane = (data[:, :, k].astype(np.float64) - float(intercept_s)) / float(slope_s)
-        stored[:, :, k] = np.clip(np.rint(plane), 0, _UINT16_MAX)
-    return _Pixels(stored, slope_s, intercept_s, real_min, real_max, warnings)
+        plane = data[:, :, k].astype(np.float64)
+        if finite is not None:
+            plane[~finite[:, :, k]] = real_min  # overwritten by the padding value below
+        plane = (plane - float(intercept_s)) / float(slope_s)
+        stored[:, :, k] = np.clip(np.rint(plane), 0, top)
+    pixels = _Pixels(stored, slope_s, intercept_s, real_min, real_max, warnings)
+    return _with_padding(pixels, padded, name)
 
 
 def _base_dataset(
@@ -356,6 +413,8 @@ def _base_dataset(
     ds.PixelRepresentation = 1 if pixels.stored.dtype == np.int16 else 0
     ds.RescaleIntercept = pixels.intercept
     ds.RescaleSlope = pixels.slope
+    if pixels.padding is not None:
+        ds.PixelPaddingValue = pixels.padding
     if sop_class != CTImageStorage:
         ds.RescaleType = "US"  # unspecified units; PS3.3 C.11.1.1.2
     ds.WindowCenter = _ds((pixels.real_min + pixels.real_max) / 2)

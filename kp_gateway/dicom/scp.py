@@ -286,7 +286,7 @@ class Scp:
         primitive = cast(Any, assoc.requestor.primitive)
         called = str(primitive.called_ae_title).strip()
         calling = str(primitive.calling_ae_title).strip()
-        project = parse_called_ae(called, self._cfg.default_project)
+        project = parse_called_ae(called, self._cfg.default_project, self._cfg.ae_title)
         try:
             known = PROJECT_NAME_RE.match(project) is not None and self._project_exists(project)
         except Exception:

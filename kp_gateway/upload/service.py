@@ -50,6 +50,7 @@ from kp_gateway.errors import (
 )
 from kp_gateway.http.responses import json_error, stream_object
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
+from kp_gateway.names import DATASET_NAME_RULE, is_dataset_name
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.upload.archive import ArchiveLimits, normalise_member_name
 from kp_gateway.upload.importer import NiftiImporter, UploadImporter
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "http" / "static"
 TUS_VERSION = "1.0.0"
 TUS_BASE = "/api/uploads/tus"
-_DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _EXTENSION_RE = re.compile(r"^\.?[a-z0-9._-]{1,16}$")
 _QUERY_KEYS = {"project", "dataset", "kind", "extension", "filename", "token"}
 _READ_ERRORS = (ConnectionError, HttpProcessingError, asyncio.IncompleteReadError)
@@ -349,11 +349,8 @@ class UploadService:
         project = (query.get("project") or ADMIN_PROJECT).strip().lower()
         default_dataset = f"upload-{datetime.date.today():%Y%m%d}"
         dataset = (query.get("dataset") or default_dataset).strip().lower()
-        if not _DATASET_RE.match(dataset):
-            raise RejectedInputError(
-                f"dataset {dataset!r} is not valid: 1-64 characters of a-z 0-9 . _ -, "
-                "starting with a letter or digit"
-            )
+        if not is_dataset_name(dataset):
+            raise RejectedInputError(f"dataset {dataset!r} is not valid: {DATASET_NAME_RULE}")
         kind = (query.get("kind") or "auto").strip().lower()
         if kind not in KINDS:
             raise RejectedInputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")

@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     generate_uid,
 )
@@ -426,6 +428,29 @@ async def test_series_stages_undecodable_pixels_recorded_not_blocking(
         metrics = await response.text()
     # Undecodable bytes stay undecodable: recorded once, not retried.
     assert 'kp_gateway_series_stage_runs_total{outcome="fail",stage="thumbnail"} 1.0' in metrics
+
+
+async def test_series_stages_deflated_instance_gets_a_thumbnail(harness: Harness) -> None:
+    """pydicom's image_dfl.dcm sent by dcmsend is stored deflated and still gets a thumbnail."""
+    deflated = Path(str(get_testdata_file("image_dfl.dcm")))
+    header = dcmread(deflated, stop_before_pixels=True)
+    await asyncio.to_thread(dcmsend, harness.gw.scp.port, [deflated])
+    doc = await wait_document(
+        harness.http,
+        str(header.SeriesInstanceUID),
+        lambda d: KEY_THUMBNAIL in d or KEY_THUMBNAIL_ERROR in d,
+        what="deflated thumbnail",
+    )
+    assert KEY_THUMBNAIL_ERROR not in doc, doc.get(KEY_THUMBNAIL_ERROR)
+    assert doc[KEY_THUMBNAIL_STRATEGY] == "slice"
+    async with harness.http.get(f"/api/instances/{header.SOPInstanceUID}") as response:
+        stored = await response.read()
+    # Stored as sent: still deflated, so the renderer had to inflate it.
+    meta = dcmread(io.BytesIO(stored), stop_before_pixels=True).file_meta
+    assert meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    async with harness.http.get(f"/api/series/{header.SeriesInstanceUID}/thumbnail") as response:
+        assert response.status == 200
+        assert png_pixels(await response.read()).std() > 10
 
 
 async def test_series_stages_dedup_and_debounce(harness: Harness, tmp_path: Path) -> None:

@@ -404,12 +404,57 @@ def test_convert_case_rejects_4d_image(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path / "out")
 
 
-def test_convert_case_rejects_nan_voxels(tmp_path: Path) -> None:
-    """NaN voxels cannot be represented and are refused."""
-    data = np.zeros(SHAPE, dtype=np.float32)
-    data[0, 0, 0] = np.nan
+def _decoded_volume(files: tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(modality values, stored values, first header) of a converted series, as (i, j, k)."""
+    slices = [pydicom.dcmread(f) for f in files]
+    stored = np.stack([ds.pixel_array.T for ds in slices], axis=2)
+    first = slices[0]
+    values = stored * float(first.RescaleSlope) + float(first.RescaleIntercept)
+    return values, stored, first
+
+
+def _convert_volume(tmp_path: Path, data: np.ndarray) -> Any:
     nib.save(nib.Nifti1Image(data, AFFINE), tmp_path / "Case01.nii.gz")
     plan = plan_nifti_tree(tmp_path)
-    with pytest.raises(ConversionError, match="NaN"):
+    (image,) = convert_case(plan, plan.cases[0], tmp_path / "out", dataset_uid_seed="x")
+    return image
+
+
+def test_convert_case_pads_nan_and_infinite_voxels(tmp_path: Path) -> None:
+    """NaN/inf voxels become PixelPaddingValue, outside the data; finite voxels keep the bound."""
+    rng = np.random.default_rng(7)
+    data = rng.uniform(-3.5, 120.25, SHAPE).astype(np.float32)
+    data[0, 0, 0], data[1, 2, 3], data[7, 5, 0] = np.nan, np.inf, -np.inf
+    image = _convert_volume(tmp_path, data)
+    values, stored, first = _decoded_volume(image.files)
+    finite = np.isfinite(data)
+    slope = float(first.RescaleSlope)
+    assert np.max(np.abs(values[finite] - data[finite])) <= slope / 2 + 1e-9
+    padding = int(first.PixelPaddingValue)
+    assert (stored[~finite] == padding).all()
+    assert (stored[finite] != padding).all()
+    assert padding * slope + float(first.RescaleIntercept) > data[finite].max()
+    assert any("3 NaN or infinite voxels" in w for w in image.warnings), image.warnings
+
+
+def test_convert_case_pads_nan_in_integer_valued_volume_exactly(tmp_path: Path) -> None:
+    """Whole-number floats with NaN keep their integers exactly; the padding lies outside them."""
+    data = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) - 1024
+    data[2, 3, 1] = np.nan
+    image = _convert_volume(tmp_path, data)
+    values, stored, first = _decoded_volume(image.files)
+    finite = np.isfinite(data)
+    assert np.array_equal(values[finite], data[finite])
+    padding = int(first.PixelPaddingValue)
+    assert stored[2, 3, 1] == padding
+    assert not (padding >= stored[finite].min() and padding <= stored[finite].max())
+
+
+def test_convert_case_rejects_volume_without_finite_voxels(tmp_path: Path) -> None:
+    """A volume that is NaN everywhere has nothing to store and is refused."""
+    data = np.full(SHAPE, np.nan, dtype=np.float32)
+    nib.save(nib.Nifti1Image(data, AFFINE), tmp_path / "Case01.nii.gz")
+    plan = plan_nifti_tree(tmp_path)
+    with pytest.raises(ConversionError, match="every voxel is NaN"):
         convert_case(plan, plan.cases[0], tmp_path / "out", dataset_uid_seed="x")
     assert_nothing_written(tmp_path / "out")

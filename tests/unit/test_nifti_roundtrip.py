@@ -157,6 +157,35 @@ def test_convert_case_nibabel_test_images_roundtrip(tmp_path: Path, name: str) -
     assert_same_image(reference, back, tolerance)
 
 
+@needs_dcm2niix
+def test_convert_case_resampled_image_with_nan_roundtrip(tmp_path: Path) -> None:
+    """nibabel's resampled_anat_moved.nii (NaN outside the field of view) converts; every finite
+    voxel comes back from dcm2niix within the bound, the NaN voxels as the padding value."""
+    name = "resampled_anat_moved.nii"
+    original = nib.load(Path(data_path) / name)
+    assert isinstance(original, nib.Nifti1Image)
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(Path(data_path) / name, src / name)
+    plan = plan_nifti_tree(src)
+    (image,) = convert_case(plan, plan.cases[0], tmp_path / "out", dataset_uid_seed="nib")
+    first = pydicom.dcmread(image.files[0])
+    data = np.asanyarray(original.dataobj).astype(np.float64)
+    finite = np.isfinite(data)
+    assert not finite.all(), "the test image should carry NaN voxels"
+    assert any("NaN or infinite voxels" in w for w in image.warnings)
+    back = nib.as_closest_canonical(dcm2niix_back(tmp_path, image.files))
+    reference = nib.as_closest_canonical(nib.Nifti1Image(data, original.header.get_best_affine()))
+    np.testing.assert_allclose(back.affine, reference.affine, rtol=0, atol=1e-3)
+    a, b = np.asanyarray(reference.dataobj), np.asanyarray(back.dataobj).astype(np.float64)
+    mask = np.isfinite(a)
+    assert np.max(np.abs(a[mask] - b[mask])) <= float_tolerance(first)
+    padding_value = int(first.PixelPaddingValue) * float(first.RescaleSlope) + float(
+        first.RescaleIntercept
+    )
+    np.testing.assert_allclose(b[~mask], padding_value, rtol=1e-6)
+
+
 def test_convert_case_seg_matches_label_map(tmp_path: Path) -> None:
     """Each SEG segment read back with highdicom equals label == value in the right slices."""
     labels = label_map()
@@ -198,3 +227,16 @@ def test_convert_case_dciodvfy_reports_no_errors(tmp_path: Path, modality: str) 
     )
     assert dciodvfy_errors(image.files[3]) == []
     assert dciodvfy_errors(seg_series.files[0]) == []
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("modality", ["CT", "MR", "OT"])
+def test_convert_case_padded_image_dciodvfy_reports_no_errors(
+    tmp_path: Path, modality: str
+) -> None:
+    """PixelPaddingValue for NaN voxels is valid in every image SOP class we write."""
+    data = volume("float32")
+    data[:3, :, :] = np.nan
+    (image,) = convert_single(tmp_path, data, oblique_affine(), modality, labels=False)
+    assert "PixelPaddingValue" in pydicom.dcmread(image.files[3])
+    assert dciodvfy_errors(image.files[3]) == []

@@ -257,6 +257,21 @@ def test_render_series_thumbnail_decodes_pydicom_testdata(
     assert pixels.std() > 0
 
 
+def test_render_series_thumbnail_inflates_deflated_explicit_vr(tmp_path: Path) -> None:
+    """Deflated Explicit VR Little Endian renders the same picture as the inflated original."""
+    deflated = _testdata("image_dfl.dcm")
+    ds = dcmread(deflated)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    inflated = tmp_path / "inflated.dcm"
+    ds.save_as(inflated, enforce_file_format=True)
+    thumbnail = render_series_thumbnail([deflated], size_px=128)
+    assert thumbnail.strategy == "slice"
+    assert np.array_equal(
+        _pixels(thumbnail), _pixels(render_series_thumbnail([inflated], size_px=128))
+    )
+    assert _pixels(thumbnail).std() > 10
+
+
 def test_render_series_thumbnail_ybr_matches_rgb() -> None:
     """YBR_FULL JPEG is converted to RGB: it looks like the RGB original, red bar included."""
     rgb = _pixels(render_series_thumbnail([_testdata("SC_rgb_rle.dcm")], size_px=100))

@@ -74,9 +74,11 @@ function updateCommand() {
   const dataset = datasetName();
   const calling = `kp-${dataset}`;
   const called = `kp-${project}`;
+  // No --scan-pattern: CD/PACS exports name their files IM000001 with no extension, and
+  // --no-halt skips their DICOMDIR and any non-DICOM file instead of stopping at it.
   $("dcmsend-command").textContent =
     `dcmsend -v ${host} ${port} --aetitle ${calling} --call ${called} ` +
-    `--scan-directories --scan-pattern '*.dcm' --recurse <data-dir-of-DICOM-images>`;
+    `--scan-directories --recurse --no-halt <data-dir-of-DICOM-images>`;
   const long = [calling, called].filter((t) => t.length > AE_MAX);
   const warning = $("ae-warning");
   warning.hidden = long.length === 0;

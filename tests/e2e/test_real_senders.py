@@ -1,0 +1,158 @@
+"""Senders nobody here wrote, as a lab points them at the gateway: Orthanc and DCMTK tools."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from tests.conftest import dcmtk_env, free_port, make_ct_series, requires_dcmtk, wait_until
+
+pytestmark = [pytest.mark.e2e, requires_dcmtk]
+
+ORTHANC = shutil.which("Orthanc")
+
+
+class Orthanc:
+    """Orthanc 1.10 (Debian) as the lab's sending PACS, on loopback, with its REST API."""
+
+    def __init__(self, workdir: Path, modalities: dict[str, list[Any]]) -> None:
+        self.http_port = free_port()
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        config = {
+            "Name": "kp-tests-orthanc",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "Plugins": [],
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": "ORTHANC",
+            "DicomPort": free_port(),
+            "DicomModalities": modalities,
+            "OrthancExplorerEnabled": False,
+            "SaveJobs": False,
+        }
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "orthanc.json").write_text(json.dumps(config))
+        self.log = workdir / "orthanc.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [str(ORTHANC), str(workdir / "orthanc.json")], stdout=out, stderr=out
+            )
+        wait_until(self._up, timeout_s=30, what="Orthanc's REST API")
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text(errors="replace")
+        try:
+            self.request("GET", "/system")
+            return True
+        except OSError:
+            return False
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        req = urllib.request.Request(f"{self.base}{path}", data=body, method=method)
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return json.load(response)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def make_orthanc(tmp_path: Path) -> Iterator[Callable[[dict[str, list[Any]]], Orthanc]]:
+    """Factory for Orthanc instances with the given DicomModalities; all stopped at teardown."""
+    if ORTHANC is None:
+        pytest.skip("Orthanc is not installed; `make test` installs it")
+    started: list[Orthanc] = []
+
+    def start(modalities: dict[str, list[Any]]) -> Orthanc:
+        orthanc = Orthanc(tmp_path / f"orthanc{len(started)}", modalities)
+        started.append(orthanc)
+        return orthanc
+
+    yield start
+    for orthanc in started:
+        orthanc.close()
+
+
+def _dataset_counts(gw: Any, project: str = "admin") -> dict[str, int]:
+    items = gw.get_json(f"/api/projects/{project}/datasets")["items"]
+    return {item["name"]: item["instance_count"] for item in items}
+
+
+def test_echoscu_to_the_gateways_own_ae_title(gateway_process: Any) -> None:
+    """echoscu -aec KP-GATEWAY: the title the gateway announces is accepted (C-ECHO success)."""
+    gw = gateway_process()
+    run = subprocess.run(
+        ["echoscu", "-v", "-aec", "KP-GATEWAY", "127.0.0.1", str(gw.dicom_port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=30,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Received Echo Response (Success)" in run.stdout + run.stderr
+
+
+def test_orthanc_modality_with_the_gateways_own_ae_title_stores_into_admin(
+    gateway_process: Any, make_orthanc: Callable[..., Orthanc], tmp_path: Path
+) -> None:
+    """An Orthanc modality entry ["KP-GATEWAY", host, port]: echo and C-STORE succeed, and the
+    series lands in the default project, in the dataset named after Orthanc's AE title."""
+    gw = gateway_process()
+    orthanc = make_orthanc({"kp": ["KP-GATEWAY", "127.0.0.1", gw.dicom_port]})
+    paths = make_ct_series(tmp_path / "ct", 3)
+    ids = [orthanc.request("POST", "/instances", p.read_bytes())["ID"] for p in paths]
+    orthanc.request("POST", "/modalities/kp/echo", b"{}")
+    orthanc.request("POST", "/modalities/kp/store", json.dumps(ids).encode())
+    wait_until(lambda: _dataset_counts(gw).get("orthanc") == 3, what="3 instances in admin")
+    for path in paths:
+        original = pydicom.dcmread(path)
+        url = gw.url(f"/api/instances/{original.SOPInstanceUID}")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            stored = pydicom.dcmread(io.BytesIO(response.read()))
+        assert stored == original  # every data element as Orthanc had it
+
+
+def test_calling_ae_title_with_spaces_names_a_dataset_uploads_can_use(
+    gateway_process: Any, tmp_path: Path
+) -> None:
+    """storescu -aet "MR SCAN1": the dataset it creates has a valid name, and an upload naming
+    that dataset is accepted and lands beside the sent instances."""
+    gw = gateway_process()
+    paths = make_ct_series(tmp_path / "mr", 2)
+    run = subprocess.run(
+        ["storescu", "-aet", "MR SCAN1", "-aec", "kp-admin", "127.0.0.1", str(gw.dicom_port),
+         *map(str, paths)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    wait_until(lambda: sum(_dataset_counts(gw).values()) == 2, what="2 instances indexed")
+    (dataset,) = _dataset_counts(gw)
+    assert dataset.startswith("mr_scan1-"), dataset
+    extra = make_ct_series(tmp_path / "more", 1)[0]
+    request = urllib.request.Request(
+        gw.url(f"/api/uploads?project=admin&dataset={dataset}&kind=dicom"),
+        data=extra.read_bytes(),
+        method="POST",
+        headers={"Content-Type": "application/dicom"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 202
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"upload into {dataset!r} refused: {exc.read()!r}") from exc
+    wait_until(lambda: _dataset_counts(gw).get(dataset) == 3, what="upload beside the sent ones")
