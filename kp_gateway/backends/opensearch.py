@@ -35,7 +35,12 @@ from opensearchpy import AsyncOpenSearch
 from kp_gateway.backends.base import IndexedInstance, SeriesQuery
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
 from kp_gateway.kaapana.completion import completion_fields
-from kp_gateway.kaapana.keys import ADMIN_PROJECT, KEY_THUMBNAIL, KEY_VALIDATION
+from kp_gateway.kaapana.keys import (
+    ADMIN_PROJECT,
+    KEY_THUMBNAIL,
+    KEY_THUMBNAIL_ERROR,
+    KEY_VALIDATION,
+)
 from kp_gateway.kaapana.routing_record import index_targets
 
 logger = logging.getLogger(__name__)
@@ -770,6 +775,7 @@ class OpenSearchIndex:
                     "last_received_at": series["last_received_at"],
                     "validation": source.get(KEY_VALIDATION),
                     "has_thumbnail": KEY_THUMBNAIL in source,
+                    "thumbnail_error": source.get(KEY_THUMBNAIL_ERROR),
                 }
             )
         return out

@@ -20,7 +20,12 @@ from typing import Any, TypeVar
 from kp_gateway.backends.base import IndexedInstance, SeriesQuery
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
 from kp_gateway.kaapana.completion import completion_fields
-from kp_gateway.kaapana.keys import ADMIN_PROJECT, KEY_THUMBNAIL, KEY_VALIDATION
+from kp_gateway.kaapana.keys import (
+    ADMIN_PROJECT,
+    KEY_THUMBNAIL,
+    KEY_THUMBNAIL_ERROR,
+    KEY_VALIDATION,
+)
 from kp_gateway.kaapana.routing_record import index_targets
 
 logger = logging.getLogger(__name__)
@@ -419,6 +424,7 @@ class SqliteIndex:
             "last_received_at": row["last_received_at"],
             "validation": validation,
             "has_thumbnail": KEY_THUMBNAIL in doc,
+            "thumbnail_error": doc.get(KEY_THUMBNAIL_ERROR),
         }
 
     async def get_series(self, series_instance_uid: str) -> dict[str, Any] | None:

@@ -17,7 +17,12 @@ from kp_gateway.config import PROJECT_NAME_RE
 from kp_gateway.errors import BackendRejectedError, RejectedInputError, UnknownProjectError
 from kp_gateway.http.appkeys import CONFIG_KEY, INGEST_KEY
 from kp_gateway.http.responses import json_error, stream_object
-from kp_gateway.kaapana.keys import ADMIN_PROJECT, KEY_VALIDATION
+from kp_gateway.kaapana.keys import (
+    ADMIN_PROJECT,
+    KEY_THUMBNAIL,
+    KEY_THUMBNAIL_ERROR,
+    KEY_VALIDATION,
+)
 
 MAX_PAGE = 500
 
@@ -138,6 +143,9 @@ async def get_series(request: web.Request) -> web.Response:
         return json_error(404, "not_found", f"no series {uid}")
     doc = series.get("document", {})
     series["validation"] = doc.get(KEY_VALIDATION)
+    # The same processing fields as the series listing, so the gallery renders either alike.
+    series["has_thumbnail"] = KEY_THUMBNAIL in doc
+    series["thumbnail_error"] = doc.get(KEY_THUMBNAIL_ERROR)
     series.update(_series_urls(uid))
     return web.json_response(series)
 

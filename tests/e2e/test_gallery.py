@@ -126,3 +126,59 @@ async def test_gallery_cards_filters_badge_and_single_series(site: Site) -> None
             assert failed == []
         finally:
             await browser.close()
+
+
+async def test_gallery_card_shows_processing_then_refreshes_in_place(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A series still arriving shows as processing, not as a missing thumbnail; once its sender
+    releases and the stages finish, the card gets its picture and badge without a reload."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ct = make_ct_series(tmp_path / "arriving", count=4, description="arriving")
+    ae = AE(ae_title="kp-live")
+    ae.add_requested_context(CTImageStorage)
+    # pynetdicom as the sender holds its association open: the series cannot complete yet.
+    assoc = await asyncio.to_thread(
+        ae.associate, "127.0.0.1", harness.gw.scp.port, ae_title="kp-admin"
+    )
+    assert assoc.is_established
+    base = f"http://127.0.0.1:{harness.gw.http_port}"
+    try:
+        for path in ct.paths:
+            status = await asyncio.to_thread(assoc.send_c_store, dcmread(path))
+            assert status.Status == 0x0000
+        await wait_document(harness.http, ct.uid, lambda d: True, what="series indexed")
+        async with playwright_api.async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                failed: list[str] = []
+                page.on("pageerror", lambda exc: failed.append(str(exc)))
+                await page.goto(f"{base}/gallery")
+                await page.wait_for_selector("body[data-loaded]")
+                card = page.locator(f'li.card[data-series-uid="{ct.uid}"]')
+                assert await card.get_attribute("data-thumbnail") == "pending"
+                assert await card.get_attribute("data-state") == "processing"
+                assert "still arriving" in await card.locator(".thumb").inner_text()
+                assert await card.locator("img").count() == 0  # no 404, no "unavailable"
+
+                await asyncio.to_thread(assoc.release)
+                await page.wait_for_selector(
+                    f'li.card[data-series-uid="{ct.uid}"][data-state="done"] img',
+                    timeout=60_000,
+                )
+                await page.wait_for_function(
+                    "() => [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+                )
+                assert await card.get_attribute("data-thumbnail") == "ready"
+                assert await card.locator("a.badge").get_attribute("data-errors") is not None
+                assert failed == []
+            finally:
+                await browser.close()
+    finally:
+        if assoc.is_established:
+            await asyncio.to_thread(assoc.release)
+        ae.shutdown()

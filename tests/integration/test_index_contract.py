@@ -41,7 +41,7 @@ KEY_THUMBNAIL = "00000000 ThumbnailInstanceUID_keyword"
 SUMMARY_KEYS = {
     "series_uid", "study_uid", "patient_id", "modality", "description", "series_date",
     "instance_count", "datasets", "complete", "first_received_at", "last_received_at",
-    "validation", "has_thumbnail",
+    "validation", "has_thumbnail", "thumbnail_error",
 }  # fmt: skip
 T0 = 1_700_000_000.0
 
@@ -351,6 +351,10 @@ async def test_documents_merge_kaapana_style(index: IndexBackend) -> None:
     # The same merge happened in the project's document (seen through query_series).
     _, page = await index.query_series(SeriesQuery(project="lab"))
     assert page[0]["validation"] == validation and page[0]["has_thumbnail"] is True
+    # A recorded thumbnail failure shows in the summary, so the gallery can tell it from pending.
+    await index.update_documents(uid, {"00000000 ThumbnailError_keyword": "cannot decode"})
+    _, page = await index.query_series(SeriesQuery(project="lab"))
+    assert page[0]["thumbnail_error"] == "cannot decode"
     await index.update_documents(generate_uid(), {KEY_THUMBNAIL: "x"})  # unknown: no error
 
 
@@ -426,7 +430,7 @@ async def test_query_series_filters_paging_and_summary(index: IndexBackend) -> N
     assert (summary["modality"], summary["patient_id"]) == ("CT", "P-100")
     assert summary["series_date"] == "20240315"
     assert summary["complete"] is False and summary["validation"] is None
-    assert summary["has_thumbnail"] is False
+    assert summary["has_thumbnail"] is False and summary["thumbnail_error"] is None
     assert summary["first_received_at"] == T0 and summary["last_received_at"] == T0 + 1
 
 

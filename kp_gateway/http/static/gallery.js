@@ -97,23 +97,55 @@
     return (item.datasets || []).map((d) => (typeof d === "string" ? d : d.dataset)).filter(Boolean);
   }
 
-  function card(item, highlight) {
-    const title = item.description || "Unnamed series";
-    const picture = el("div", { class: "thumb" });
+  // "pending": the series is still arriving, or its thumbnail has not been rendered yet;
+  // "failed": rendering gave up (the recorded error is the tooltip); "ready": a picture exists.
+  function thumbnailState(item) {
+    if (item.has_thumbnail) return "ready";
+    return item.thumbnail_error ? "failed" : "pending";
+  }
+
+  function settled(item) {
+    const status = item.validation && item.validation[STATUS];
+    return thumbnailState(item) !== "pending" && Boolean(status);
+  }
+
+  function picture(item, title) {
+    const thumbState = thumbnailState(item);
+    const box = el("div", { class: "thumb" });
+    if (thumbState === "pending") {
+      box.classList.add("thumb-missing", "thumb-pending");
+      box.append(el("span", { text: item.complete ? "Rendering thumbnail…" : "Processing: series still arriving…" }));
+      return box;
+    }
+    if (thumbState === "failed") {
+      box.classList.add("thumb-missing");
+      box.append(el("span", { title: item.thumbnail_error, text: "Thumbnail unavailable" }));
+      return box;
+    }
     const img = el("img", {
-      src: item.thumbnail_url, alt: `Thumbnail of ${title}`, loading: "lazy", decoding: "async",
-      width: "300", height: "300",
+      // The series UID and instance count in the URL: a re-rendered thumbnail is fetched anew.
+      src: `${item.thumbnail_url}?n=${item.instance_count ?? ""}`, alt: `Thumbnail of ${title}`,
+      loading: "lazy", decoding: "async", width: "300", height: "300",
     });
     img.addEventListener("error", () => {
       img.remove();
-      picture.classList.add("thumb-missing");
-      picture.append(el("span", { text: "Thumbnail unavailable" }));
+      box.classList.add("thumb-missing");
+      box.append(el("span", { text: "Thumbnail unavailable" }));
     });
-    picture.append(img);
+    box.append(img);
+    return box;
+  }
+
+  function card(item, highlight) {
+    const title = item.description || "Unnamed series";
     const link = `${location.pathname}?series=${encodeURIComponent(item.series_uid)}`;
     const datasets = datasetsOf(item);
-    return el("li", { class: `card${highlight ? " highlight" : ""}`, "data-series-uid": item.series_uid, "data-modality": item.modality },
-      el("a", { class: "thumb-link", href: link, title: "Show only this series" }, picture),
+    return el("li", {
+      class: `card${highlight ? " highlight" : ""}`, "data-series-uid": item.series_uid,
+      "data-modality": item.modality, "data-state": settled(item) ? "done" : "processing",
+      "data-thumbnail": thumbnailState(item),
+    },
+      el("a", { class: "thumb-link", href: link, title: "Show only this series" }, picture(item, title)),
       el("div", { class: "card-body" },
         el("div", { class: "card-top" },
           el("span", { class: "modality", text: item.modality || "?" }),
@@ -127,8 +159,39 @@
         el("code", { class: "uid", title: "SeriesInstanceUID", text: item.series_uid })));
   }
 
+  // Cards of series still being processed are refreshed in place until their thumbnail and
+  // validation arrive: one request per unfinished card every few seconds, for a bounded time,
+  // and only for the page on screen (a newer render stops the loop).
+  const POLL_MS = 2000;
+  const POLL_LIMIT_MS = 10 * 60 * 1000;
+
+  async function followUnfinished(mine, items, highlightUid) {
+    const started = Date.now();
+    let waiting = items.filter((item) => !settled(item));
+    while (waiting.length && mine === generation && Date.now() - started < POLL_LIMIT_MS) {
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+      if (mine !== generation) return;
+      const next = [];
+      for (const item of waiting) {
+        let fresh;
+        try {
+          fresh = await getJSON(`/api/series/${encodeURIComponent(item.series_uid)}`);
+        } catch (_) {
+          next.push(item); // a transient error: try again on the next round
+          continue;
+        }
+        if (mine !== generation) return;
+        const old = els.cards.querySelector(`li[data-series-uid="${CSS.escape(item.series_uid)}"]`);
+        if (old) old.replaceWith(card(fresh, fresh.series_uid === highlightUid));
+        if (!settled(fresh)) next.push(fresh);
+      }
+      waiting = next;
+    }
+  }
+
   function show(items, highlightUid) {
     els.cards.replaceChildren(...items.map((item) => card(item, item.series_uid === highlightUid)));
+    followUnfinished(generation, items, highlightUid);
   }
 
   function setStatus(text, isError) {
