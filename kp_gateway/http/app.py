@@ -110,12 +110,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def get_login(request: web.Request) -> web.Response:
     """A minimal login form that sets the session cookie."""
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>kp-gateway login</title>"
-        "<style>body{font-family:sans-serif;max-width:28rem;margin:4rem auto}"
-        "input{width:100%;padding:.5rem;margin:.5rem 0}</style></head><body>"
-        "<h1>kp-gateway</h1><p>Paste the token printed in the gateway's start-up log.</p>"
-        "<form method='post'><input type='password' name='token' autofocus>"
-        "<input type='submit' value='Log in'></form></body></html>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        "<title>kp-gateway login</title><link rel='stylesheet' href='/static/style.css'>"
+        "<style>main{max-width:28rem}input{width:100%;box-sizing:border-box;padding:.5rem;"
+        "margin:.5rem 0}</style></head><body>"
+        "<header class='top'><h1>kp-gateway</h1></header><main><section class='card'>"
+        "<h2>Log in</h2><p>Paste the token printed in the gateway's start-up log.</p>"
+        "<form method='post'><input type='password' name='token' autofocus "
+        "aria-label='API token'><input type='submit' value='Log in'></form>"
+        "</section></main></body></html>"
     )
     return web.Response(text=page, content_type="text/html")
 

@@ -44,6 +44,13 @@ async def test_upload_page_zip_progress_results_and_dcmsend_command(
             await page.goto(f"{ug.base}/")
             await page.wait_for_selector("body[data-ready=true]")
             assert await page.locator("#project").input_value() == "admin"
+            # First load: no dataset typed yet, so no AE-title warning about the default name.
+            first = await page.locator("#dcmsend-command").inner_text()
+            assert "--aetitle kp-<dataset> --call kp-admin" in first
+            assert await page.locator("#ae-warning").is_hidden()
+            # The rate after a resume counts only the bytes this page sent.
+            assert await page.evaluate("transferRate(5000, 4000, 2)") == 500
+            assert await page.evaluate("transferRate(5000, 0, 0.2)") is None
             await page.fill("#dataset", "browser-study")
             await page.select_option("#kind", "dicom")
             command = await page.locator("#dcmsend-command").inner_text()
@@ -63,11 +70,26 @@ async def test_upload_page_zip_progress_results_and_dcmsend_command(
             assert "study/notes.txt" in await rows.first.inner_text()
             link = page.locator("#series-links a")
             assert (await link.get_attribute("href") or "").startswith("/gallery?series=1.2.")
+            # Described, not a bare UID: modality, description, instance count.
+            await page.wait_for_function(
+                "() => document.querySelector('#series-links a').textContent.includes('instances')"
+            )
+            assert await link.inner_text() == "CT · Synthetic CT · 5 instances"
+            assert (await link.get_attribute("title") or "").startswith("1.2.")
 
             # A long dataset name: the AE title would not fit, so the page warns.
             await page.fill("#dataset", "a-much-too-long-dataset")
             assert await page.locator("#ae-warning").is_visible()
             ARTIFACTS.mkdir(exist_ok=True)
+            # The login page wears the same stylesheet as the other pages.
+            login = await browser.new_page()
+            await login.goto(f"{ug.base}/login")
+            assert await login.locator("section.card form input[type=password]").count() == 1
+            background = await login.evaluate(
+                "getComputedStyle(document.documentElement).backgroundColor"
+            )
+            assert background == "rgb(246, 247, 249)"  # style.css's --bg
+            await login.close()
             await page.fill("#dataset", "browser-study")
             await page.screenshot(path=str(ARTIFACTS / "upload-page.png"), full_page=True)
         finally:

@@ -72,14 +72,17 @@ function updateCommand() {
   const port = cfg.dicom_port || 11112;
   const project = $("project").value || "admin";
   const dataset = datasetName();
-  const calling = `kp-${dataset}`;
+  // Until a dataset is typed, the command names a placeholder: the upload default
+  // (upload-YYYYMMDD) is too long for an AE title and would warn before anything was chosen.
+  const typed = $("dataset").value.trim() !== "";
+  const calling = typed ? `kp-${dataset}` : "kp-<dataset>";
   const called = `kp-${project}`;
   // No --scan-pattern: CD/PACS exports name their files IM000001 with no extension, and
   // --no-halt skips their DICOMDIR and any non-DICOM file instead of stopping at it.
   $("dcmsend-command").textContent =
     `dcmsend -v ${host} ${port} --aetitle ${calling} --call ${called} ` +
     `--scan-directories --recurse --no-halt <data-dir-of-DICOM-images>`;
-  const long = [calling, called].filter((t) => t.length > AE_MAX);
+  const long = [typed ? calling : "", called].filter((t) => t.length > AE_MAX);
   const warning = $("ae-warning");
   warning.hidden = long.length === 0;
   warning.textContent = long.length
@@ -259,6 +262,11 @@ async function currentOffset(url) {
   return Number(response.headers.get("Upload-Offset"));
 }
 
+// Bytes per second sent by this page: a resumed upload's earlier bytes do not count.
+function transferRate(sent, resumedFrom, seconds) {
+  return seconds > 0.5 ? Math.max(0, sent - resumedFrom) / seconds : null;
+}
+
 async function tusUpload(blob, filename, onProgress) {
   const meta = {
     project: $("project").value, dataset: datasetName(), kind: $("kind").value, filename,
@@ -286,10 +294,13 @@ async function tusUpload(blob, filename, onProgress) {
     localStorage.setItem(key, url);
   }
   const id = url.split("/").pop();
+  // Bytes a previous page sent before this resume are not part of this session's rate.
+  const resumedFrom = offset;
+  const report = (sent) => onProgress(sent, resumedFrom);
   let failures = 0;
   while (offset < blob.size) {
     try {
-      offset = await patch(url, blob.slice(offset, offset + CHUNK_BYTES), offset, onProgress);
+      offset = await patch(url, blob.slice(offset, offset + CHUNK_BYTES), offset, report);
       failures = 0;
     } catch (err) {
       if (err.status && err.status !== 409 && err.status < 500) {
@@ -301,7 +312,7 @@ async function tusUpload(blob, filename, onProgress) {
       await new Promise((r) => setTimeout(r, Math.min(500 * 2 ** failures, 10000)));
       offset = await currentOffset(url);
     }
-    onProgress(offset);
+    report(offset);
   }
   localStorage.removeItem(key);
   return id;
@@ -358,6 +369,7 @@ function showResults(status) {
     li.append(link(s.gallery_url, s.series_uid));
     return li;
   }));
+  describeSeries(status.series).catch(() => { /* the UIDs stay: still correct links */ });
   $("series-block").hidden = status.series.length === 0;
   $("stored-files").replaceChildren(...status.files.map((f) => {
     const li = document.createElement("li");
@@ -376,6 +388,19 @@ function showResults(status) {
     return tr;
   }));
   $("errors-block").hidden = status.errors.length === 0;
+}
+
+// Each imported series as "CT · description · N instances" (the first 50; the rest keep their
+// UID), looked up one at a time so a large import does not fire hundreds of requests at once.
+async function describeSeries(series) {
+  const links = [...$("series-links").querySelectorAll("a")];
+  for (const [i, s] of series.slice(0, 50).entries()) {
+    const info = await getJSON(`/api/series/${encodeURIComponent(s.series_uid)}`);
+    const a = links[i];
+    a.textContent = `${info.modality || "?"} · ${info.description || "Unnamed series"} · ` +
+      `${info.instance_count} instance${info.instance_count === 1 ? "" : "s"}`;
+    a.title = s.series_uid;
+  }
 }
 
 function showFailure(message) {
@@ -409,12 +434,13 @@ async function startUpload() {
     }
     const started = performance.now();
     $("upload-status").textContent = "sending…";
-    const id = await tusUpload(blob, filename, (sent) => {
+    const id = await tusUpload(blob, filename, (sent, resumedFrom) => {
       const pct = blob.size ? Math.floor((sent / blob.size) * 100) : 100;
       $("upload-progress").value = pct;
       $("upload-percent").textContent = `${pct} %`;
       const seconds = (performance.now() - started) / 1000;
-      if (seconds > 0.5) $("upload-rate").textContent = `${formatBytes(sent / seconds)}/s`;
+      const rate = transferRate(sent, resumedFrom, seconds);
+      if (rate !== null) $("upload-rate").textContent = `${formatBytes(rate)}/s`;
     });
     $("upload-progress").value = 100;
     $("upload-percent").textContent = "100 %";
