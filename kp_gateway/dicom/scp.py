@@ -33,7 +33,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
-from kp_gateway.dicom import reactor
+from kp_gateway.dicom import negotiation, reactor
 from kp_gateway.dicom.ae_titles import parse_called_ae, parse_calling_ae
 from kp_gateway.dicom.fastpath import (
     FastStoreDIMSE,
@@ -200,8 +200,10 @@ class Scp:
         # into a spool file created ahead of time.
         install_file_meta_writer()
         install_spool_file_factory()
-        # Private and newer storage SOP classes are storage too: accept them all.
+        # Private and newer storage SOP classes are storage too: accept them all, but no
+        # other service (negotiation.py: pynetdicom's own rule let MWL and Q/R models in).
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        negotiation.install()
         # Identifiers carry patient data: never log them.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -219,6 +221,7 @@ class Scp:
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ESTABLISHED, self.handle_established),
+            (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_RELEASED, self.handle_closed),
             (evt.EVT_ABORTED, self.handle_closed),
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -321,6 +324,32 @@ class Scp:
         # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ is on the
         # wire, or closing the socket right after this handler would swallow it.
         assoc.kill()
+        self._metrics.associations_total.labels(result="rejected").inc()
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        """Log and count an association pynetdicom refused itself. Runs on an association thread.
+
+        Our own refusals (unknown project) go through :meth:`_reject`; this is the other kind,
+        chiefly the association limit (A-ASSOCIATE-RJ transient, local-limit-exceeded), which
+        a sender sees as "busy" and which an operator must be able to see too.
+        """
+        assoc = event.assoc
+        acceptors = sum(1 for a in self.ae.active_associations if a.is_acceptor)
+        why = (
+            f"the association limit (dicom.max_associations = {self._cfg.max_associations}) "
+            "is reached"
+            if acceptors > self._cfg.max_associations
+            else "refused during negotiation"
+        )
+        primitive = cast(Any, assoc.requestor.primitive)
+        calling = str(getattr(primitive, "calling_ae_title", "") or "").strip()
+        logger.warning(
+            "rejecting association from %s (%s:%s): %s",
+            calling or "?",
+            assoc.requestor.address,
+            assoc.requestor.port,
+            why,
+        )
         self._metrics.associations_total.labels(result="rejected").inc()
 
     def handle_established(self, event: evt.Event) -> None:

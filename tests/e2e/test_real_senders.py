@@ -156,3 +156,84 @@ def test_calling_ae_title_with_spaces_names_a_dataset_uploads_can_use(
     except urllib.error.HTTPError as exc:
         raise AssertionError(f"upload into {dataset!r} refused: {exc.read()!r}") from exc
     wait_until(lambda: _dataset_counts(gw).get(dataset) == 3, what="upload beside the sent ones")
+
+
+def test_worklist_find_is_refused_at_negotiation_and_storage_still_works(
+    gateway_process: Any,
+) -> None:
+    """findscu -W (Modality Worklist) gets no presentation context, so no C-FIND and no error
+    in the gateway's log; a pynetdicom SCU proposing MWL, Color Palette Q/R and CT storage gets
+    only CT (and Verification) accepted."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        ColorPaletteInformationModelFind,
+        CTImageStorage,
+        ModalityWorklistInformationFind,
+        Verification,
+    )
+
+    gw = gateway_process()
+    run = subprocess.run(
+        ["findscu", "-W", "-k", "ScheduledProcedureStepSequence[0].Modality=CT",
+         "-aec", "kp-admin", "127.0.0.1", str(gw.dicom_port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=30,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "no acceptable presentation contexts" in (run.stdout + run.stderr).lower()
+
+    ae = AE(ae_title="kp-probe")
+    for sop_class in (
+        ModalityWorklistInformationFind,
+        ColorPaletteInformationModelFind,
+        CTImageStorage,
+        Verification,
+    ):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", gw.dicom_port, ae_title="kp-admin")
+    try:
+        assert assoc.is_established
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        refused = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
+        assert accepted == {str(CTImageStorage), str(Verification)}
+        assert refused == {
+            str(ModalityWorklistInformationFind): 0x03,
+            str(ColorPaletteInformationModelFind): 0x03,
+        }
+    finally:
+        assoc.release()
+        ae.shutdown()
+    log = gw.log.read_text(errors="replace")
+    assert "Traceback" not in log and " ERROR " not in log, log[-2000:]
+
+
+def test_association_over_the_limit_is_logged_and_counted(gateway_process: Any) -> None:
+    """With max_associations = 2 held open, echoscu's third association is refused as busy,
+    and the gateway says so in its log and in the rejected-associations metric."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    gw = gateway_process(dicom__max_associations=2)
+    ae = AE(ae_title="kp-holder")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", gw.dicom_port, ae_title="kp-admin") for _ in range(2)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        run = subprocess.run(
+            ["echoscu", "-aet", "LATECOMER", "-aec", "kp-admin", "127.0.0.1", str(gw.dicom_port)],
+            capture_output=True, text=True, env=dcmtk_env(), timeout=30,
+        )  # fmt: skip
+        assert run.returncode != 0
+        assert "rejected" in (run.stdout + run.stderr).lower()
+    finally:
+        for assoc in held:
+            assoc.release()
+        ae.shutdown()
+
+    def logged() -> bool:
+        return "rejecting association from LATECOMER" in gw.log.read_text(errors="replace")
+
+    wait_until(logged, what="the refusal in the gateway log")
+    assert "association limit (dicom.max_associations = 2)" in gw.log.read_text()
+    with urllib.request.urlopen(gw.url("/metrics"), timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'kp_gateway_scp_associations_total{result="rejected"} 1.0' in metrics
