@@ -79,7 +79,12 @@ def _is_public(path: str) -> bool:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token, session cookie, or ``?token=`` once (which sets the cookie)."""
+    """Bearer token, session cookie, or ``?token=``.
+
+    On pages, ``?token=`` is traded once for the session cookie (a redirect, as Jupyter does);
+    on ``/api/`` routes it answers the request itself, since a script wants the data, not a
+    redirect and a cookie.
+    """
     cfg = request.app[CONFIG_KEY]
     if not cfg.http.auth or _is_public(request.path) or request.path == "/login":
         return await handler(request)
@@ -92,7 +97,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         offered = request.cookies[SESSION_COOKIE]
     elif "token" in request.query:
         offered = request.query["token"]
-        if hmac.compare_digest(offered, token) and request.method == "GET":
+        if (
+            hmac.compare_digest(offered, token)
+            and request.method == "GET"
+            and not request.path.startswith("/api/")
+        ):
             # As Jupyter does: trade the URL token for a cookie and drop it from the URL.
             query = {k: v for k, v in request.query.items() if k != "token"}
             response = web.HTTPFound(request.rel_url.with_query(query))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,11 +45,26 @@ async def test_auth_token_bearer_cookie_and_query(
             f"{_base(gw)}/api/projects", headers={"Authorization": "Bearer x"}
         ) as r:
             assert r.status == 401
+    # A script's ?token= on an API route gets the data itself: no redirect, no cookie (curl
+    # does not follow redirects, so a 302 here is what a script would see).
+    curl = await asyncio.to_thread(
+        subprocess.run,
+        ["curl", "-s", "-w", "\n%{http_code}", f"{_base(gw)}/api/projects?token={gw.token}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    body, status = curl.stdout.rsplit("\n", 1)
+    assert status == "200", curl.stdout
+    assert [p["name"] for p in json.loads(body)["items"]] == ["admin"]
     jar = aiohttp.CookieJar(unsafe=True)
     async with aiohttp.ClientSession(cookie_jar=jar) as http:
         async with http.get(f"{_base(gw)}/api/projects?token={gw.token}") as r:
-            assert r.status == 200
-            assert str(r.url).endswith("/api/projects")  # token dropped from the URL
+            assert r.status == 200 and not r.history
+        async with http.get(f"{_base(gw)}/api/projects") as r:
+            assert r.status == 401  # no cookie was set by the API
+        async with http.get(f"{_base(gw)}/gallery?token={gw.token}") as r:
+            # A page trades the token for the session cookie and drops it from the URL.
+            assert r.status == 200 and r.history and r.history[0].status == 302
+            assert str(r.url).endswith("/gallery")
         async with http.get(f"{_base(gw)}/api/projects") as r:
             assert r.status == 200  # the cookie now authenticates
 
