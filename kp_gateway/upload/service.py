@@ -513,6 +513,13 @@ class UploadService:
         """tus creation: ``Upload-Length`` and ``Upload-Metadata`` (base64 project, dataset,
         kind, filename, extension) -> 201 with ``Location``."""
         self._check_open()
+        if "Upload-Concat" in request.headers:
+            # Not advertised in Tus-Extension: a client splitting a file into partial uploads
+            # (tus-js-client's parallelUploads) would otherwise get each part imported alone.
+            raise RejectedInputError(
+                "Upload-Concat (the tus concatenation extension) is not supported; "
+                "send the file as one upload (tus-js-client: parallelUploads 1)"
+            )
         length = _int_header(request, "Upload-Length")
         if length == 0:
             raise RejectedInputError("Upload-Length is 0: the upload is empty")
