@@ -100,6 +100,18 @@ def dcm2niix_back(tmp_path: Path, files: tuple[Path, ...]) -> nib.Nifti1Image:
     return img
 
 
+def convert_nibabel_file(tmp_path: Path, name: str) -> tuple[nib.Nifti1Image, ConvertedSeries]:
+    """One of nibabel's bundled test images, converted as an upload of that single file."""
+    original = nib.load(Path(data_path) / name)
+    assert isinstance(original, nib.Nifti1Image)
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(Path(data_path) / name, src / name)
+    plan = plan_nifti_tree(src)
+    (image,) = convert_case(plan, plan.cases[0], tmp_path / "out", dataset_uid_seed="nib")
+    return original, image
+
+
 def float_tolerance(ds: pydicom.Dataset) -> float:
     """The documented bound slope/2, plus float32 rounding of dcm2niix's scl_slope/scl_inter."""
     slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
@@ -141,13 +153,7 @@ def test_convert_case_dcm2niix_roundtrip(tmp_path: Path, dtype: str, modality: s
 @pytest.mark.parametrize("name", ["anatomical.nii", "reoriented_anat_moved.nii", "standard.nii.gz"])
 def test_convert_case_nibabel_test_images_roundtrip(tmp_path: Path, name: str) -> None:
     """nibabel's own test images survive the round trip through dcm2niix."""
-    original = nib.load(Path(data_path) / name)
-    assert isinstance(original, nib.Nifti1Image)
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(Path(data_path) / name, src / name)
-    plan = plan_nifti_tree(src)
-    (image,) = convert_case(plan, plan.cases[0], tmp_path / "out", dataset_uid_seed="nib")
+    original, image = convert_nibabel_file(tmp_path, name)
     data = np.asanyarray(original.dataobj)
     tolerance = 0.0
     if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
@@ -162,13 +168,7 @@ def test_convert_case_resampled_image_with_nan_roundtrip(tmp_path: Path) -> None
     """nibabel's resampled_anat_moved.nii (NaN outside the field of view) converts; every finite
     voxel comes back from dcm2niix within the bound, the NaN voxels as the padding value."""
     name = "resampled_anat_moved.nii"
-    original = nib.load(Path(data_path) / name)
-    assert isinstance(original, nib.Nifti1Image)
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(Path(data_path) / name, src / name)
-    plan = plan_nifti_tree(src)
-    (image,) = convert_case(plan, plan.cases[0], tmp_path / "out", dataset_uid_seed="nib")
+    original, image = convert_nibabel_file(tmp_path, name)
     first = pydicom.dcmread(image.files[0])
     data = np.asanyarray(original.dataobj).astype(np.float64)
     finite = np.isfinite(data)
