@@ -30,7 +30,14 @@ from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.upload.archive import ArchiveLimits, ArchiveMember, list_members, open_member
 from kp_gateway.upload.record import MAX_LISTED_FILES, Upload
-from kp_gateway.upload.sniff import HEAD_BYTES, MemberKind, read_head, sniff, to_part10
+from kp_gateway.upload.sniff import (
+    HEAD_BYTES,
+    MemberKind,
+    is_dicomdir,
+    read_head,
+    sniff,
+    to_part10,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -345,6 +352,9 @@ class _Run:
         upload = self.upload
         try:
             is_dicom = kind in (MemberKind.DICOM, MemberKind.RAW_DICOM)
+            if kind == MemberKind.DICOM and await asyncio.to_thread(is_dicomdir, path):
+                upload.add_skipped(name, "a DICOMDIR: the index of the other files, not an image")
+                return
             if is_dicom and self._dicom_allowed(name):
                 if kind == MemberKind.RAW_DICOM:
                     try:

@@ -67,6 +67,7 @@ class Upload:
     files: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # files deliberately not imported
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Upload:
@@ -87,6 +88,12 @@ class Upload:
             else:
                 detail = exc
             self.errors.append({"file": file, "error": code or "rejected", "detail": detail})
+
+    def add_skipped(self, file: str, reason: str) -> None:
+        """Record a file left out on purpose, with why (the list is capped; the count is not)."""
+        self.files_skipped += 1
+        if len(self.skipped) < MAX_LISTED_ERRORS:
+            self.skipped.append({"file": file, "reason": reason})
 
     def add_warning(self, message: str) -> None:
         """Record a conversion warning (the list is capped; the total is not)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from kp_gateway.errors import InvalidDicomError, RejectedInputError, UnsupportedMediaError
@@ -77,6 +78,19 @@ def member_head(archive: Path, member: ArchiveMember, limits: ArchiveLimits) -> 
     """Blocking. The first :data:`HEAD_BYTES` decompressed bytes of one member."""
     with open_member(archive, member, limits) as src:
         return src.read(HEAD_BYTES)
+
+
+# PS3.4 Annex F: a DICOMDIR is the index of a file-set (Media Storage Directory), not an instance.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+def is_dicomdir(path: Path) -> bool:
+    """Blocking. True if a Part-10 file's meta names the Media Storage Directory SOP class."""
+    try:
+        meta = read_file_meta_info(path)
+    except (PydicomInvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError):
+        return False  # not readable as Part-10: the import path reports what is wrong
+    return str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY
 
 
 def to_part10(src: Path) -> Path:
@@ -180,8 +194,10 @@ def _member_is_dicom(body: Path, member: ArchiveMember, limits: ArchiveLimits) -
 
 __all__ = [
     "HEAD_BYTES",
+    "MEDIA_STORAGE_DIRECTORY",
     "MemberKind",
     "inspect_body",
+    "is_dicomdir",
     "looks_like_zip",
     "member_head",
     "read_head",

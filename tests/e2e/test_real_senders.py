@@ -237,3 +237,37 @@ def test_association_over_the_limit_is_logged_and_counted(gateway_process: Any) 
     with urllib.request.urlopen(gw.url("/metrics"), timeout=10) as response:
         metrics = response.read().decode()
     assert 'kp_gateway_scp_associations_total{result="rejected"} 1.0' in metrics
+
+
+def test_curl_upload_of_a_cd_export_zip_skips_its_dicomdir(
+    gateway_process: Any, tmp_path: Path
+) -> None:
+    """curl -F file=@export.zip: the images are imported; the DICOMDIR (an index) is listed as
+    skipped, not failed, and nothing is quarantined."""
+    import zipfile
+
+    from tests.e2e.test_dcmsend_command import _dicomdir_export
+
+    gw = gateway_process()
+    export, count = _dicomdir_export(tmp_path / "export")
+    archive = tmp_path / "export.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(p for p in export.rglob("*") if p.is_file()):
+            zf.write(path, str(path.relative_to(export)))
+    run = subprocess.run(
+        ["curl", "-s", "-F", f"file=@{archive}",
+         gw.url("/api/uploads?project=admin&dataset=cd-zip")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    upload_id = json.loads(run.stdout)["id"]
+
+    def finished() -> bool:
+        return str(gw.get_json(f"/api/uploads/{upload_id}")["state"]) in ("done", "failed")
+
+    wait_until(finished, timeout_s=60, what="the upload's import")
+    status = gw.get_json(f"/api/uploads/{upload_id}")
+    assert status["state"] == "done", status
+    assert status["instances_imported"] == count and status["errors"] == []
+    assert [s["file"] for s in status["skipped"]] == ["DICOMDIR"]
+    assert "index" in status["skipped"][0]["reason"]
+    assert gw.get_json("/api/quarantine")["items"] == []
