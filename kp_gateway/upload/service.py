@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -465,10 +465,17 @@ class UploadService:
             await self._save(upload)
             await writer.open()
             if multipart:
-                part = await _file_part(request)
+                reader = await _multipart(request)
+                fields, part = await _form_fields_until_file(reader)
                 if part.filename and "filename" not in request.query:
                     upload.filename = _safe_filename(part.filename)
                 await writer.pump(part.read_chunk)
+                fields.update(await _form_fields_after_file(reader))
+                if fields:
+                    # Form fields name the project/dataset too; the query string wins.
+                    routed = await self._params({**fields, **request.query})
+                    upload.project, upload.dataset = routed.project, routed.dataset
+                    upload.kind, upload.extension = routed.kind, routed.extension
             else:
                 await writer.pump(request.content.read)
             await writer.close(sync=self._fsync)
@@ -735,17 +742,75 @@ def _public(upload: Upload, *, full: bool) -> dict[str, Any]:
     return doc
 
 
-async def _file_part(request: web.Request) -> BodyPartReader:
-    """The multipart part named ``file``; earlier parts are skipped without buffering."""
+# Form fields that may stand beside the file (the query string's own names), and how long a
+# value may be: they are read into memory.
+_FORM_FIELDS = frozenset({"project", "dataset", "kind", "extension"})
+_MAX_FIELD_BYTES = 256
+
+
+async def _multipart(request: web.Request) -> MultipartReader:
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if isinstance(part, BodyPartReader) and part.name == "file":
-                return part
-            await part.release()
+        return await request.multipart()
     except (ValueError, AssertionError, RuntimeError) as exc:
         raise RejectedInputError(f"malformed multipart body: {exc}") from exc
+
+
+async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
+    try:
+        part = await reader.next()
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise RejectedInputError(f"malformed multipart body: {exc}") from exc
+    if part is not None and not isinstance(part, BodyPartReader):
+        raise RejectedInputError("nested multipart bodies are not supported")
+    return part
+
+
+async def _form_field(part: BodyPartReader) -> tuple[str, str] | None:
+    """A small form field this endpoint knows (project, dataset, kind, extension), else None."""
+    if part.name not in _FORM_FIELDS or part.filename:
+        await part.release()
+        return None
+    value = bytearray()
+    while chunk := await part.read_chunk(1024):
+        value += chunk
+        if len(value) > _MAX_FIELD_BYTES:
+            raise RejectedInputError(
+                f"form field {part.name!r} is longer than {_MAX_FIELD_BYTES} bytes"
+            )
+    return str(part.name), value.decode("utf-8", "replace")
+
+
+async def _form_fields_until_file(
+    reader: MultipartReader,
+) -> tuple[dict[str, str], BodyPartReader]:
+    """The known form fields before the part named ``file``, and that part (not yet read)."""
+    fields: dict[str, str] = {}
+    while (part := await _next_part(reader)) is not None:
+        if part.name == "file":
+            return fields, part
+        field = await _form_field(part)
+        if field is not None:
+            fields[field[0]] = field[1]
     raise RejectedInputError("the multipart body has no part named 'file'")
+
+
+async def _form_fields_after_file(reader: MultipartReader) -> dict[str, str]:
+    """The known form fields after the file; a second file refuses the whole request.
+
+    Importing only the first of several files would drop the others silently (curl -F file=@a
+    -F file=@b); one upload is one file or one zip.
+    """
+    fields: dict[str, str] = {}
+    while (part := await _next_part(reader)) is not None:
+        if part.name == "file" or part.filename:
+            await part.release()
+            raise RejectedInputError(
+                "the request carries more than one file; send one file per upload, or a zip"
+            )
+        field = await _form_field(part)
+        if field is not None:
+            fields[field[0]] = field[1]
+    return fields
 
 
 def _int_header(request: web.Request, name: str) -> int:

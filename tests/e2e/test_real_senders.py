@@ -271,3 +271,45 @@ def test_curl_upload_of_a_cd_export_zip_skips_its_dicomdir(
     assert [s["file"] for s in status["skipped"]] == ["DICOMDIR"]
     assert "index" in status["skipped"][0]["reason"]
     assert gw.get_json("/api/quarantine")["items"] == []
+
+
+def test_curl_multipart_several_files_refused_and_form_fields_honoured(
+    gateway_process: Any, tmp_path: Path
+) -> None:
+    """curl -F file=@a -F file=@b is refused whole (never only the first imported); project and
+    dataset form fields route the upload before or after the file part; the query wins."""
+    gw = gateway_process()
+    request = urllib.request.Request(
+        gw.url("/api/projects"), data=b'{"name": "lung"}', method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    urllib.request.urlopen(request, timeout=10).close()
+    # One series per upload, so each dataset's count is its own upload's.
+    paths = [make_ct_series(tmp_path / f"ct{n}", 1)[0] for n in range(4)]
+
+    def curl(*form: str, query: str = "") -> tuple[int, dict[str, Any]]:
+        args = [a for field in form for a in ("-F", field)]
+        run = subprocess.run(
+            ["curl", "-s", "-w", "\\n%{http_code}", *args, gw.url(f"/api/uploads{query}")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        body, status = run.stdout.rsplit("\n", 1)
+        return int(status), json.loads(body)
+
+    status, body = curl(*(f"file=@{p}" for p in paths[:3]))
+    assert status == 400 and "more than one file" in body["detail"], body
+    assert gw.get_json("/api/uploads")["items"] == []
+
+    uploads = [
+        curl("project=lung", "dataset=before", f"file=@{paths[0]}"),
+        curl(f"file=@{paths[1]}", "dataset=after", query="?project=lung"),
+        curl("dataset=form", f"file=@{paths[2]}", query="?project=lung&dataset=query"),
+    ]
+    assert [status for status, _ in uploads] == [202, 202, 202], uploads
+
+    def routed() -> dict[str, int]:
+        items = gw.get_json("/api/projects/lung/datasets")["items"]
+        return {item["name"]: item["instance_count"] for item in items}
+
+    wait_until(lambda: sum(routed().values()) == 3, what="three uploads in project lung")
+    assert routed() == {"before": 1, "after": 1, "query": 1}
