@@ -33,6 +33,7 @@ from kp_gateway.upload.record import MAX_LISTED_FILES, Upload
 from kp_gateway.upload.sniff import (
     HEAD_BYTES,
     MemberKind,
+    check_complete_instance,
     is_dicomdir,
     read_head,
     sniff,
@@ -365,6 +366,9 @@ class _Run:
                         logger.debug("%s looked like DICOM but is not: %s", name, exc)
                         kind = MemberKind.OTHER
                 if kind != MemberKind.OTHER:
+                    # A file cut off or with a DICOM header over garbage is refused here, per
+                    # file, rather than acknowledged and found broken by the store stage.
+                    await asyncio.to_thread(check_complete_instance, path)
                     assert self.folder is not None
                     spooled = await asyncio.to_thread(
                         self.ingest.spool.commit_file, path, self.folder

@@ -437,7 +437,13 @@ class UploadService:
                 logger.exception("import of upload %s failed", upload.id)
                 self._finish(upload, FAILED, f"import failed: {type(exc).__name__}: {exc}")
             else:
-                self._finish(upload, DONE, _summary(upload))
+                # Files came in, none of them became anything and some failed: that upload
+                # failed, whatever the per-file details say.
+                nothing = not (
+                    upload.instances_imported or upload.files_stored or upload.cases_done
+                )
+                state = FAILED if nothing and upload.errors_total else DONE
+                self._finish(upload, state, _summary(upload))
             assert self._import_seconds is not None
             self._import_seconds.observe(time.monotonic() - started)
             await asyncio.to_thread(remove_paths, self._body(upload.id))

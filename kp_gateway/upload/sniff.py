@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.filereader import read_file_meta_info
@@ -91,6 +92,67 @@ def is_dicomdir(path: Path) -> bool:
     except (PydicomInvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError):
         return False  # not readable as Part-10: the import path reports what is wrong
     return str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _native_pixel_bytes(ds: pydicom.Dataset) -> int:
+    """Bytes the native (uncompressed) Pixel Data of `ds` must hold (PS3.5 8.1.1)."""
+    frames = int(ds.get("NumberOfFrames") or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        samples = 2  # chroma subsampled 2:1 horizontally: two values per pixel (PS3.3 C.7.6.3.1.2)
+    bits = int(ds.Rows) * int(ds.Columns) * samples * frames
+    return (bits * int(ds.BitsAllocated) + 7) // 8
+
+
+def check_complete_instance(path: Path) -> None:
+    """Blocking. Refuse a Part-10 file that is not a whole, identifiable instance.
+
+    pydicom reads a value cut off by the end of the file without complaint. So the file is
+    parsed with large values left unread (``defer_size``, memory stays small) and each unread
+    element's declared end is checked against the file's size; a native Pixel Data that had to
+    be read is checked against the size its image attributes call for.
+
+    Raises
+    ------
+    InvalidDicomError
+        Not parseable; no valid SOP Class/Instance, Study or Series UID; a value running past
+        the end of the file; an image (Rows/Columns) whose pixel data is missing or short.
+    """
+    size = path.stat().st_size
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+        elements = list(ds.elements())  # unread values stay raw: offset and length known
+        ends = [
+            e.value_tell + e.length
+            for e in elements
+            if isinstance(e, RawDataElement) and e.length != _UNDEFINED_LENGTH
+        ]
+        uids = [
+            str(ds.get(k, ""))
+            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        ]
+        is_image = "Rows" in ds and "Columns" in ds
+        pixels = next((e for e in elements if e.tag == 0x7FE00010), None)
+        encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
+        short = (
+            isinstance(pixels, DataElement)
+            and not encapsulated
+            and is_image
+            and "BitsAllocated" in ds
+            and len(pixels.value or b"") < _native_pixel_bytes(ds)
+        )
+    except (PydicomInvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
+            AttributeError) as exc:  # fmt: skip
+        raise InvalidDicomError(f"not a readable DICOM dataset ({exc})") from exc
+    if not all(is_valid_uid(uid) for uid in uids):
+        raise InvalidDicomError("not DICOM: no valid SOP Class, SOP Instance, Study or Series UID")
+    if (ends and max(ends) > size) or short:
+        raise InvalidDicomError("the file is cut off: its dataset does not reach its declared end")
+    if is_image and pixels is None and not any(t in ds for t in (0x7FE00008, 0x7FE00009)):
+        raise InvalidDicomError("the image has no pixel data (the file is cut off or incomplete)")
 
 
 def to_part10(src: Path) -> Path:
@@ -196,6 +258,7 @@ __all__ = [
     "HEAD_BYTES",
     "MEDIA_STORAGE_DIRECTORY",
     "MemberKind",
+    "check_complete_instance",
     "inspect_body",
     "is_dicomdir",
     "looks_like_zip",

@@ -313,3 +313,47 @@ def test_curl_multipart_several_files_refused_and_form_fields_honoured(
 
     wait_until(lambda: sum(routed().values()) == 3, what="three uploads in project lung")
     assert routed() == {"before": 1, "after": 1, "query": 1}
+
+
+def test_curl_upload_of_cut_off_or_garbage_dicom_fails_per_file(
+    gateway_process: Any, tmp_path: Path
+) -> None:
+    """A DICOM file cut inside its Pixel Data, and a DICOM preamble over garbage, are refused
+    per file; an upload in which nothing could be imported ends failed, not done; beside a good
+    file in a zip, the cut one is an error and the good one is imported. Nothing quarantined."""
+    import zipfile
+
+    gw = gateway_process()
+    good, cut_source = make_ct_series(tmp_path / "ct", 2, rows=64)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(cut_source.read_bytes()[:-3000])
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(bytes(128) + b"DICM" + b"\x01\x02 not a dataset " * 40)
+    archive = tmp_path / "mixed.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(good, "study/good.dcm")
+        zf.write(cut, "study/cut.dcm")
+
+    def upload(path: Path) -> dict[str, Any]:
+        run = subprocess.run(
+            ["curl", "-s", "-F", f"file=@{path}",
+             gw.url("/api/uploads?project=admin&dataset=broken")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        upload_id = json.loads(run.stdout)["id"]
+        wait_until(
+            lambda: gw.get_json(f"/api/uploads/{upload_id}")["state"] in ("done", "failed"),
+            what=f"import of {path.name}",
+        )
+        return dict(gw.get_json(f"/api/uploads/{upload_id}"))
+
+    for path in (cut, garbage):
+        status = upload(path)
+        assert status["state"] == "failed", status
+        assert status["instances_imported"] == 0 and len(status["errors"]) == 1, status
+        assert status["errors"][0]["error"] == "invalid_dicom"
+    assert "cut off" in upload(cut)["errors"][0]["detail"]
+    mixed = upload(archive)
+    assert mixed["state"] == "done" and mixed["instances_imported"] == 1, mixed
+    assert [e["file"] for e in mixed["errors"]] == ["study/cut.dcm"]
+    assert gw.get_json("/api/quarantine")["items"] == []
