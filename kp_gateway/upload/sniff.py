@@ -124,7 +124,9 @@ def check_complete_instance(path: Path) -> None:
     size = path.stat().st_size
     try:
         ds = pydicom.dcmread(path, defer_size=1024)
-        elements = list(ds.elements())  # unread values stay raw: offset and length known
+        # The stored elements as read: unread values stay raw, with their offset and length.
+        # (Dataset.elements() and get_item() would read deferred values; pydicom is pinned.)
+        elements = list(ds._dict.values())
         ends = [
             e.value_tell + e.length
             for e in elements
