@@ -16,7 +16,13 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from kp_gateway.errors import InvalidDicomError, RejectedInputError, UnsupportedMediaError
 from kp_gateway.uids import is_valid_uid
@@ -127,10 +133,13 @@ def check_complete_instance(path: Path) -> None:
         # The stored elements as read: unread values stay raw, with their offset and length.
         # (Dataset.elements() and get_item() would read deferred values; pydicom is pinned.)
         elements = list(ds._dict.values())
+        # Offsets in a deflated dataset count the inflated stream, not the file (a cut zlib
+        # stream already fails to inflate).
+        deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
         ends = [
             e.value_tell + e.length
             for e in elements
-            if isinstance(e, RawDataElement) and e.length != _UNDEFINED_LENGTH
+            if isinstance(e, RawDataElement) and e.length != _UNDEFINED_LENGTH and not deflated
         ]
         uids = [
             str(ds.get(k, ""))

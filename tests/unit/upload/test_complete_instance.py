@@ -17,7 +17,7 @@ from tests.conftest import make_ct_series
 # Native and compressed images, multi-frame, YBR_FULL_422 (subsampled), RT objects, SR.
 WHOLE = [
     "CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm",
-    "SC_ybr_full_422_uncompressed.dcm", "rtplan.dcm", "rtdose.dcm",
+    "SC_ybr_full_422_uncompressed.dcm", "rtplan.dcm", "rtdose.dcm", "image_dfl.dcm",
 ]  # fmt: skip
 
 
