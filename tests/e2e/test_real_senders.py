@@ -96,6 +96,22 @@ def _dataset_counts(gw: Any, project: str = "admin") -> dict[str, int]:
     return {item["name"]: item["instance_count"] for item in items}
 
 
+def _curl_upload(gw: Any, path: Path, dataset: str) -> dict[str, Any]:
+    """curl -F file=@path into admin/<dataset>; the upload's status once its import ended."""
+    run = subprocess.run(
+        ["curl", "-s", "-F", f"file=@{path}",
+         gw.url(f"/api/uploads?project=admin&dataset={dataset}")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    upload_id = json.loads(run.stdout)["id"]
+    wait_until(
+        lambda: gw.get_json(f"/api/uploads/{upload_id}")["state"] in ("done", "failed"),
+        timeout_s=60,
+        what=f"import of {path.name}",
+    )
+    return dict(gw.get_json(f"/api/uploads/{upload_id}"))
+
+
 def test_echoscu_to_the_gateways_own_ae_title(gateway_process: Any) -> None:
     """echoscu -aec KP-GATEWAY: the title the gateway announces is accepted (C-ECHO success)."""
     gw = gateway_process()
@@ -254,18 +270,7 @@ def test_curl_upload_of_a_cd_export_zip_skips_its_dicomdir(
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(p for p in export.rglob("*") if p.is_file()):
             zf.write(path, str(path.relative_to(export)))
-    run = subprocess.run(
-        ["curl", "-s", "-F", f"file=@{archive}",
-         gw.url("/api/uploads?project=admin&dataset=cd-zip")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    upload_id = json.loads(run.stdout)["id"]
-
-    def finished() -> bool:
-        return str(gw.get_json(f"/api/uploads/{upload_id}")["state"]) in ("done", "failed")
-
-    wait_until(finished, timeout_s=60, what="the upload's import")
-    status = gw.get_json(f"/api/uploads/{upload_id}")
+    status = _curl_upload(gw, archive, "cd-zip")
     assert status["state"] == "done", status
     assert status["instances_imported"] == count and status["errors"] == []
     assert [s["file"] for s in status["skipped"]] == ["DICOMDIR"]
@@ -335,17 +340,7 @@ def test_curl_upload_of_cut_off_or_garbage_dicom_fails_per_file(
         zf.write(cut, "study/cut.dcm")
 
     def upload(path: Path) -> dict[str, Any]:
-        run = subprocess.run(
-            ["curl", "-s", "-F", f"file=@{path}",
-             gw.url("/api/uploads?project=admin&dataset=broken")],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        upload_id = json.loads(run.stdout)["id"]
-        wait_until(
-            lambda: gw.get_json(f"/api/uploads/{upload_id}")["state"] in ("done", "failed"),
-            what=f"import of {path.name}",
-        )
-        return dict(gw.get_json(f"/api/uploads/{upload_id}"))
+        return _curl_upload(gw, path, "broken")
 
     for path in (cut, garbage):
         status = upload(path)
