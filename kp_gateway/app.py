@@ -21,19 +21,20 @@ from aiohttp import web
 from kp_gateway import config as config_mod
 from kp_gateway.backends import make_index, make_storage
 from kp_gateway.config import Config
-from kp_gateway.datadir import load_or_create_token, lock_data_dir
+from kp_gateway.datadir import DataDir, load_or_create_token, lock_data_dir
 from kp_gateway.dicom.scp import Scp
 from kp_gateway.http.app import make_app
 from kp_gateway.http.appkeys import Health
+from kp_gateway.http.uploads import DicomEndpoint
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.process_pool import forget_documented_series, make_process_pool
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from kp_gateway.pipeline.series_stages import make_process_pool as make_series_pool
 from kp_gateway.pipeline.spool import Spool
-from kp_gateway.upload.archive import ArchiveLimits
+from kp_gateway.upload.importer import UploadImporter
 from kp_gateway.upload.nifti import NiftiUploadImporter
-from kp_gateway.upload.service import UploadLimits, UploadService
+from kp_gateway.upload.service import UploadService
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
         cfg, storage=storage, index=index, process_pool=pool, metrics=metrics, spool=spool
     )
     # Built before ingest starts: its hook counts recovered instances to their uploads.
-    uploads = UploadService(
-        cfg, ingest, limits=_upload_limits(cfg), nifti_importer=NiftiUploadImporter(pool)
-    )
+    uploads = _uploads(cfg, ingest, NiftiUploadImporter(pool))
     scp = Scp(cfg.dicom, ingest, metrics)
     series_stages = _series_stages(cfg, series_pool)
     if series_stages is not None:
@@ -101,7 +100,21 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             await series_stages.start()
         await ingest.start()
         await asyncio.to_thread(scp.start)
-        app = make_app(cfg, ingest, token, health, uploads=uploads, series_stages=series_stages)
+        app = make_app(
+            cfg.http,
+            index=index,
+            storage=storage,
+            pipeline=ingest,
+            metrics=metrics,
+            token=token,
+            health=health,
+            default_project=cfg.dicom.default_project,
+            dicom_endpoint=DicomEndpoint(
+                cfg.http.public_host, cfg.dicom.public_port or cfg.dicom.port
+            ),
+            uploads=uploads,
+            series_stages=series_stages,
+        )
         runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access"))
         await runner.setup()
         site = web.TCPSite(runner, cfg.http.host, cfg.http.port)
@@ -137,19 +150,24 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             series_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _upload_limits(cfg: Config) -> UploadLimits:
-    u = cfg.upload
-    return UploadLimits(
-        max_upload_bytes=u.max_upload_bytes,
-        max_concurrent_imports=u.max_concurrent_imports,
-        admission_wait_s=u.admission_wait_s,
-        tus_expiry_s=u.tus_expiry_s,
-        archive=ArchiveLimits(
-            max_members=u.max_members,
-            max_total_uncompressed_bytes=u.max_total_uncompressed_bytes,
-            max_member_bytes=u.max_member_bytes,
-            max_compression_ratio=u.max_compression_ratio,
-        ),
+def _uploads(cfg: Config, ingest: IngestService, nifti: NiftiUploadImporter) -> UploadService:
+    importer = UploadImporter(
+        intake=ingest,
+        spool=ingest.spool,
+        storage=ingest.storage,
+        metrics=ingest.metrics,
+        limits=cfg.upload,
+        admission_wait_s=cfg.upload.admission_wait_s,
+        nifti_importer=nifti,
+    )
+    return UploadService(
+        cfg.upload,
+        state_dir=DataDir.at(cfg.data_dir).uploads_state,
+        fsync=cfg.storage.fsync,
+        importer=importer,
+        project_exists=ingest.index.project_exists,
+        metrics=ingest.metrics,
+        nifti_available=True,
     )
 
 

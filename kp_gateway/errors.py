@@ -25,9 +25,14 @@ below.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class GatewayError(Exception):
     """Root of every error the gateway raises on purpose."""
+
+    # The JSON ``error`` code when the class name does not give the one clients know.
+    code: ClassVar[str | None] = None
 
 
 class ConfigError(GatewayError, ValueError):
@@ -64,6 +69,40 @@ class UnsupportedMediaError(RejectedInputError):
 
 class ConversionError(RejectedInputError):
     """NIfTI input could not be converted into conformant DICOM."""
+
+
+class UnknownUploadError(RejectedInputError):
+    """No upload with the requested id (or it is not a tus upload)."""
+
+    code = "not_found"
+
+
+class UploadConflictError(RejectedInputError):
+    """The upload's state does not allow the request (import running, a PATCH in progress)."""
+
+    code = "conflict"
+
+
+class UploadOffsetError(UploadConflictError):
+    """A tus PATCH starts elsewhere than at the bytes received so far (tus 1.0: 409)."""
+
+    code = "offset_mismatch"
+
+    def __init__(self, detail: str, *, offset: int) -> None:
+        super().__init__(detail)
+        self.offset = offset
+
+
+class UploadFailedError(RejectedInputError):
+    """The tus upload failed already; resuming it cannot help (410 Gone)."""
+
+    code = "gone"
+
+
+class FeatureUnavailableError(GatewayError):
+    """The request needs a component this gateway was started without."""
+
+    code = "not_implemented"
 
 
 class PipelineFull(GatewayError):
@@ -112,6 +151,10 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (PayloadTooLargeError, 413),
     (UnsupportedMediaError, 415),
     (ConversionError, 422),
+    (UnknownUploadError, 404),
+    (UploadConflictError, 409),
+    (UploadFailedError, 410),
+    (FeatureUnavailableError, 501),
     (UnsafeArchiveError, 400),
     (InvalidDicomError, 400),
     (RejectedInputError, 400),
@@ -140,6 +183,8 @@ def http_status_for(exc: BaseException) -> int:
 
 def error_code_for(exc: BaseException) -> str:
     """Return the stable machine-readable ``error`` code of the JSON error body."""
+    if isinstance(exc, GatewayError) and exc.code:
+        return exc.code
     name = type(exc).__name__
     if name.endswith("Error"):
         name = name[: -len("Error")]

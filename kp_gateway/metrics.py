@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Stage latencies span sub-millisecond header reads to multi-second thumbnails.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# An import lasts from a fraction of a second (one file) to an hour (a 64 GiB zip).
+_IMPORT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600)
 
 
 class Metrics:
@@ -80,6 +82,12 @@ class Metrics:
         )
         self.upload_bytes = Counter(
             "kp_gateway_upload_received_bytes", "Bytes received by HTTP uploads.", registry=r
+        )
+        self.upload_import_seconds = Histogram(
+            "kp_gateway_upload_import_seconds",
+            "Time from an upload's last byte to the end of its import.",
+            buckets=_IMPORT_BUCKETS,
+            registry=r,
         )
 
     def bind_queue_depths(self, depths: Callable[[], dict[str, int]]) -> None:

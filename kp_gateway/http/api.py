@@ -15,10 +15,9 @@ from aiohttp import web
 from kp_gateway.backends.base import SeriesQuery
 from kp_gateway.config import PROJECT_NAME_RE
 from kp_gateway.errors import BackendRejectedError, RejectedInputError, UnknownProjectError
-from kp_gateway.http.appkeys import CONFIG_KEY, INGEST_KEY
+from kp_gateway.http.appkeys import INDEX_KEY, PROTECTED_PROJECTS_KEY, STORAGE_KEY
 from kp_gateway.http.responses import json_error, stream_object
 from kp_gateway.kaapana.keys import (
-    ADMIN_PROJECT,
     KEY_THUMBNAIL,
     KEY_THUMBNAIL_ERROR,
     KEY_VALIDATION,
@@ -32,14 +31,14 @@ MAX_PAGE = 500
 
 async def _require_project(request: web.Request, name: str) -> str:
     name = name.lower()
-    if not await request.app[INGEST_KEY].index.project_exists(name):
+    if not await request.app[INDEX_KEY].project_exists(name):
         raise UnknownProjectError(f"project {name!r} does not exist")
     return name
 
 
 async def get_projects(request: web.Request) -> web.Response:
     """All projects with series counts."""
-    return web.json_response({"items": await request.app[INGEST_KEY].index.list_projects()})
+    return web.json_response({"items": await request.app[INDEX_KEY].list_projects()})
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -64,7 +63,7 @@ async def post_project(request: web.Request) -> web.Response:
     description = body.get("description", "")
     if not isinstance(description, str):
         raise RejectedInputError("description must be a string")
-    index = request.app[INGEST_KEY].index
+    index = request.app[INDEX_KEY]
     if await index.project_exists(name):
         return json_error(409, "project_exists", f"project {name!r} already exists")
     try:
@@ -77,17 +76,17 @@ async def post_project(request: web.Request) -> web.Response:
 async def delete_project(request: web.Request) -> web.Response:
     """Delete a project's mappings; ``admin`` and the default project cannot be deleted."""
     name = await _require_project(request, request.match_info["project"])
-    protected = {ADMIN_PROJECT, request.app[CONFIG_KEY].dicom.default_project}
+    protected = request.app[PROTECTED_PROJECTS_KEY]
     if name in protected:
         return json_error(409, "protected_project", f"project {name!r} cannot be deleted")
-    await request.app[INGEST_KEY].index.delete_project(name)
+    await request.app[INDEX_KEY].delete_project(name)
     return web.json_response({"deleted": name})
 
 
 async def get_datasets(request: web.Request) -> web.Response:
     """Datasets of a project with series and instance counts."""
     name = await _require_project(request, request.match_info["project"])
-    return web.json_response({"items": await request.app[INGEST_KEY].index.list_datasets(name)})
+    return web.json_response({"items": await request.app[INDEX_KEY].list_datasets(name)})
 
 
 # -- series and instances -----------------------------------------------------------------
@@ -129,7 +128,7 @@ async def get_series_list(request: web.Request) -> web.Response:
         limit=_int_param(request, "limit", 50, 1, MAX_PAGE),
         offset=_int_param(request, "offset", 0, 0, 10**9),
     )
-    total, items = await request.app[INGEST_KEY].index.query_series(query)
+    total, items = await request.app[INDEX_KEY].query_series(query)
     for item in items:
         item.update(_series_urls(item["series_uid"]))
     return web.json_response({"total": total, "items": items})
@@ -138,7 +137,7 @@ async def get_series_list(request: web.Request) -> web.Response:
 async def get_series(request: web.Request) -> web.Response:
     """The series' document, projects, datasets, counts, completion and links."""
     uid = request.match_info["series_uid"]
-    series = await request.app[INGEST_KEY].index.get_series(uid)
+    series = await request.app[INDEX_KEY].get_series(uid)
     if series is None:
         return json_error(404, "not_found", f"no series {uid}")
     doc = series.get("document", {})
@@ -153,7 +152,7 @@ async def get_series(request: web.Request) -> web.Response:
 async def get_series_instances(request: web.Request) -> web.Response:
     """SOPInstanceUIDs of a series with sizes."""
     uid = request.match_info["series_uid"]
-    instances = await request.app[INGEST_KEY].index.list_instances(uid)
+    instances = await request.app[INDEX_KEY].list_instances(uid)
     if not instances:
         return json_error(404, "not_found", f"no series {uid}")
     for instance in instances:
@@ -167,13 +166,13 @@ async def _stream_object(
     headers = {"Content-Type": content_type}
     if filename:
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return await stream_object(request, request.app[INGEST_KEY].storage, key, headers)
+    return await stream_object(request, request.app[STORAGE_KEY], key, headers)
 
 
 async def get_instance(request: web.Request) -> web.StreamResponse:
     """The stored bytes of one instance, ``application/dicom``."""
     sop = request.match_info["sop_uid"]
-    key = await request.app[INGEST_KEY].index.instance_key(sop)
+    key = await request.app[INDEX_KEY].instance_key(sop)
     if key is None:
         return json_error(404, "not_found", f"no instance {sop}")
     return await _stream_object(request, key, "application/dicom", f"{sop}.dcm")
@@ -193,7 +192,7 @@ async def get_validation_report(request: web.Request) -> web.StreamResponse:
 
 async def get_quarantine(request: web.Request) -> web.Response:
     """Items that kept failing, newest first."""
-    return web.json_response({"items": await request.app[INGEST_KEY].index.list_quarantine()})
+    return web.json_response({"items": await request.app[INDEX_KEY].list_quarantine()})
 
 
 __all__ = [

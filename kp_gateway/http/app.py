@@ -1,7 +1,7 @@
 """The aiohttp application: the app factory, the error and token-authentication middlewares
 and the login form. The routes live in :mod:`~kp_gateway.http.api`,
-:mod:`~kp_gateway.http.health`, :mod:`~kp_gateway.http.pages` and, for uploads,
-:mod:`kp_gateway.upload.service`.
+:mod:`~kp_gateway.http.health`, :mod:`~kp_gateway.http.pages` and
+:mod:`~kp_gateway.http.uploads`.
 
 Handlers run on the event loop. Domain errors become JSON ``{"error", "detail"}`` responses in
 one place, the error middleware, through :func:`kp_gateway.errors.http_status_for`.
@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from kp_gateway.config import Config
+from kp_gateway.backends.base import IndexBackend, StorageBackend
+from kp_gateway.config import HttpConfig
 from kp_gateway.errors import GatewayError, error_code_for, http_status_for
 from kp_gateway.http.api import (
     delete_project,
@@ -31,19 +32,26 @@ from kp_gateway.http.api import (
     post_project,
 )
 from kp_gateway.http.appkeys import (
-    CONFIG_KEY,
     HEALTH_KEY,
-    INGEST_KEY,
+    HTTP_CONFIG_KEY,
+    INDEX_KEY,
+    PIPELINE_KEY,
+    PROTECTED_PROJECTS_KEY,
+    REGISTRY_KEY,
     SERIES_STAGES_KEY,
+    STORAGE_KEY,
     TOKEN_KEY,
     Health,
 )
 from kp_gateway.http.health import get_live, get_metrics, get_ready
 from kp_gateway.http.pages import setup_gallery
 from kp_gateway.http.responses import json_error
+from kp_gateway.http.uploads import TUS_BASE, TUS_VERSION, DicomEndpoint, setup_uploads
+from kp_gateway.kaapana.keys import ADMIN_PROJECT
+from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
-from kp_gateway.upload.service import UploadService, setup_uploads
+from kp_gateway.upload.service import UploadService
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +63,29 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Translate exceptions into JSON errors; the one place that does so for HTTP."""
+    """Translate exceptions into JSON errors; the one place that does so for HTTP.
+
+    Under the tus endpoint every error also carries ``Tus-Resumable`` (tus 1.0 requires it on
+    every response but OPTIONS).
+    """
+    headers = {"Tus-Resumable": TUS_VERSION} if request.path.startswith(TUS_BASE) else {}
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
-        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+        code = exc.reason.lower().replace(" ", "_")
+        return json_error(exc.status, code, exc.text or exc.reason, **headers)
     except GatewayError as exc:
         status = http_status_for(exc)
-        headers = {"Retry-After": "5"} if status == 503 else {}
+        if status == 503:
+            headers["Retry-After"] = "5"
         if status >= 500:
             logger.warning("%s %s failed: %s", request.method, request.path, exc)
         return json_error(status, error_code_for(exc), str(exc), **headers)
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
-        return json_error(500, "internal", "internal error; see the gateway log")
+        return json_error(500, "internal", "internal error; see the gateway log", **headers)
 
 
 def _is_public(path: str) -> bool:
@@ -85,8 +100,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     on ``/api/`` routes it answers the request itself, since a script wants the data, not a
     redirect and a cookie.
     """
-    cfg = request.app[CONFIG_KEY]
-    if not cfg.http.auth or _is_public(request.path) or request.path == "/login":
+    if (
+        not request.app[HTTP_CONFIG_KEY].auth
+        or _is_public(request.path)
+        or request.path == "/login"
+    ):
         return await handler(request)
     token = request.app[TOKEN_KEY]
     offered = ""
@@ -148,18 +166,31 @@ async def post_login(request: web.Request) -> web.Response:
 
 
 def make_app(
-    cfg: Config,
-    ingest: IngestService,
+    cfg: HttpConfig,
+    *,
+    index: IndexBackend,
+    storage: StorageBackend,
+    pipeline: IngestService,
+    metrics: Metrics,
     token: str,
     health: Health,
-    *,
+    default_project: str,
+    dicom_endpoint: DicomEndpoint,
     uploads: UploadService | None = None,
     series_stages: SeriesPostProcessor | None = None,
 ) -> web.Application:
-    """Build the application; the caller runs it with AppRunner/TCPSite on its own loop."""
+    """Build the application; the caller runs it with AppRunner/TCPSite on its own loop.
+
+    `pipeline` is asked only for its readiness; `default_project` (the DICOM default) joins
+    ``admin`` among the projects the API refuses to delete.
+    """
     app = web.Application(middlewares=[error_middleware, auth_middleware])
-    app[CONFIG_KEY] = cfg
-    app[INGEST_KEY] = ingest
+    app[HTTP_CONFIG_KEY] = cfg
+    app[INDEX_KEY] = index
+    app[STORAGE_KEY] = storage
+    app[PIPELINE_KEY] = pipeline
+    app[REGISTRY_KEY] = metrics.registry
+    app[PROTECTED_PROJECTS_KEY] = frozenset({ADMIN_PROJECT, default_project})
     app[TOKEN_KEY] = token
     app[HEALTH_KEY] = health
     if series_stages is not None:
@@ -183,7 +214,7 @@ def make_app(
     setup_gallery(app)
     if uploads is not None:
         # Routes for uploads, files, the upload page and /static/, plus the service lifecycle.
-        setup_uploads(app, uploads)
+        setup_uploads(app, uploads, storage=storage, dicom_endpoint=dicom_endpoint)
     return app
 
 

@@ -1,7 +1,9 @@
 """What the HTTP modules share through the aiohttp application: its AppKeys, and the readiness
 flags (:class:`Health`) the composition root flips.
 
-Set once by :func:`kp_gateway.http.app.make_app`; read by the handlers on the event loop.
+Each key holds exactly what handlers use (the index, the storage, the metrics registry, the
+``[http]`` section), never a service to pick parts out of. Set once by
+:func:`kp_gateway.http.app.make_app`; read by the handlers on the event loop.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from kp_gateway.config import Config
+from kp_gateway.backends.base import IndexBackend, StorageBackend
+from kp_gateway.config import HttpConfig
 from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 
@@ -23,18 +27,28 @@ class Health:
     draining: bool = False
 
 
-INGEST_KEY = web.AppKey("ingest", IngestService)
-CONFIG_KEY = web.AppKey("config", Config)
+HTTP_CONFIG_KEY = web.AppKey("http_config", HttpConfig)
+INDEX_KEY = web.AppKey("index", IndexBackend)
+STORAGE_KEY = web.AppKey("storage", StorageBackend)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+# Projects the API refuses to delete: admin and the DICOM default project.
+PROTECTED_PROJECTS_KEY = web.AppKey("protected_projects", frozenset)
+# Asked only for its readiness (pipeline state); see IngestService.readiness.
+PIPELINE_KEY = web.AppKey("pipeline", IngestService)
 TOKEN_KEY = web.AppKey("token", str)
 HEALTH_KEY = web.AppKey("health", Health)
 SERIES_STAGES_KEY = web.AppKey("series_stages", SeriesPostProcessor)
 
 
 __all__ = [
-    "CONFIG_KEY",
     "HEALTH_KEY",
-    "INGEST_KEY",
+    "HTTP_CONFIG_KEY",
+    "INDEX_KEY",
+    "PIPELINE_KEY",
+    "PROTECTED_PROJECTS_KEY",
+    "REGISTRY_KEY",
     "SERIES_STAGES_KEY",
+    "STORAGE_KEY",
     "TOKEN_KEY",
     "Health",
 ]

@@ -11,7 +11,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kp_gateway.errors import GatewayError
-from kp_gateway.http.appkeys import HEALTH_KEY, INGEST_KEY, SERIES_STAGES_KEY
+from kp_gateway.http.appkeys import (
+    HEALTH_KEY,
+    INDEX_KEY,
+    PIPELINE_KEY,
+    REGISTRY_KEY,
+    SERIES_STAGES_KEY,
+    STORAGE_KEY,
+)
 
 
 async def get_live(request: web.Request) -> web.Response:
@@ -21,27 +28,23 @@ async def get_live(request: web.Request) -> web.Response:
 
 async def get_ready(request: web.Request) -> web.Response:
     """200 when storage, index and pipeline accept work, else 503 with each component."""
-    ingest = request.app[INGEST_KEY]
+    index, storage = request.app[INDEX_KEY], request.app[STORAGE_KEY]
     health = request.app[HEALTH_KEY]
     components: dict[str, dict[str, Any]] = {}
     try:
-        await ingest.index.ping()
+        await index.ping()
         components["index"] = {"ok": True}
     except GatewayError as exc:
         components["index"] = {"ok": False, "detail": str(exc)}
     try:
-        await ingest.storage.ping()
-        free = await ingest.storage.free_bytes()
+        await storage.ping()
+        free = await storage.free_bytes()
         components["storage"] = {"ok": True, "free_bytes": free}
     except (GatewayError, OSError) as exc:
         components["storage"] = {"ok": False, "detail": str(exc)}
-    pipeline = ingest.pipeline
-    components["pipeline"] = {
-        "ok": pipeline.accepting and health.ready and not health.draining,
-        "in_flight": pipeline.in_flight,
-        "queues": pipeline.queue_depths(),
-        "series_pending_completion": ingest.tracker.pending_count(),
-    }
+    pipeline = request.app[PIPELINE_KEY].readiness()
+    pipeline["ok"] = pipeline["ok"] and health.ready and not health.draining
+    components["pipeline"] = pipeline
     if (stages := request.app.get(SERIES_STAGES_KEY)) is not None:
         components["series_stages"] = stages.readiness()
     ok = all(c["ok"] for c in components.values())
@@ -53,7 +56,7 @@ async def get_ready(request: web.Request) -> web.Response:
 
 async def get_metrics(request: web.Request) -> web.Response:
     """Prometheus text format."""
-    registry = request.app[INGEST_KEY].metrics.registry
+    registry = request.app[REGISTRY_KEY]
     body = generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

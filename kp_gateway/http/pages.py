@@ -1,5 +1,5 @@
 """The HTML pages: the gallery page (CONTRACT section 5), ``GET /gallery`` and its script, style
-and one helper. (The upload page is still served by :mod:`kp_gateway.upload.service`.)
+and one helper. (The upload page is served by :mod:`kp_gateway.http.uploads`.)
 
 The page is static HTML with a small script that reads the JSON API (``/api/projects``,
 ``/api/projects/{p}/datasets``, ``/api/projects/{p}/series``, ``/api/series/{uid}``) with the
@@ -19,7 +19,7 @@ from aiohttp import web
 
 from kp_gateway.backends.base import SeriesQuery
 from kp_gateway.errors import RejectedInputError
-from kp_gateway.http.appkeys import INGEST_KEY
+from kp_gateway.http.appkeys import INDEX_KEY
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 
 WEB_DIR = Path(__file__).parent / "static"
@@ -62,7 +62,7 @@ async def get_modalities(request: web.Request) -> web.Response:
     dataset = request.query.get("dataset") or None
     if len(project) > 64 or (dataset is not None and len(dataset) > 256):
         raise RejectedInputError("project or dataset name too long")
-    index = request.app[INGEST_KEY].index
+    index = request.app[INDEX_KEY]
     if not await index.project_exists(project):
         raise web.HTTPNotFound(text=f"project {project!r} does not exist")
     cache = request.app[_CACHE_KEY]

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any, Protocol
 
 from kp_gateway.backends.base import IndexBackend, IndexedInstance, StorageBackend
 from kp_gateway.config import Config
@@ -41,6 +42,21 @@ ROUTED_MEMORY = 20_000
 SeriesHook = Callable[[str, dict[str, object]], Awaitable[None]]
 # Called with the item and None when it finished, or the exception that quarantined it.
 ItemHook = Callable[[IngestItem, BaseException | None], None]
+
+
+class Intake(Protocol):
+    """What a receiver on the loop needs of the pipeline (the upload importer is one).
+
+    :class:`IngestService` is the implementation; receivers get it as this narrow interface.
+    """
+
+    async def submit(
+        self, item: IngestItem, *, timeout_s: float, wait_forever: bool = False
+    ) -> None: ...
+
+    def source_closed(self, source_id: str) -> None: ...
+
+    def add_item_settled_hook(self, hook: ItemHook) -> None: ...
 
 
 class _MetricsObserver(StageObserver[IngestItem]):
@@ -166,14 +182,18 @@ class IngestService:
     async def submit(
         self, item: IngestItem, *, timeout_s: float, wait_forever: bool = False
     ) -> None:
-        """Admit one spooled instance; raises PipelineFull / ShuttingDownError. Loop only."""
+        """Admit one spooled instance; raises PipelineFull / ShuttingDownError. Loop only.
+
+        With `wait_forever` (acknowledged or accepted work), a full pipeline is waited out in
+        attempts of `timeout_s` (60 s when 0), never given up on.
+        """
         if wait_forever:
             while True:
                 try:
-                    await self.pipeline.submit(item, timeout_s=60.0)
+                    await self.pipeline.submit(item, timeout_s=timeout_s or 60.0)
                     break
                 except PipelineFull:
-                    continue  # acknowledged already: wait for space, never give up
+                    logger.info("pipeline full; %s waits", item.routing.source_id)
         else:
             await self.pipeline.submit(item, timeout_s=timeout_s)
         self.tracker.source_item_admitted(item.routing.source_id)
@@ -181,6 +201,19 @@ class IngestService:
     def source_closed(self, source_id: str) -> None:
         """An association or upload ended. Loop only."""
         self.tracker.source_closed(source_id)
+
+    def readiness(self) -> dict[str, Any]:
+        """Whether the pipeline accepts work, with its load (for ``/health/ready``)."""
+        return {
+            "ok": self.pipeline.accepting,
+            "in_flight": self.pipeline.in_flight,
+            "queues": self.pipeline.queue_depths(),
+            "series_pending_completion": self.tracker.pending_count(),
+        }
+
+    def add_item_settled_hook(self, hook: ItemHook) -> None:
+        """Call `hook` on the loop with each item as it finishes or is quarantined."""
+        self.item_settled_hooks.append(hook)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -319,4 +352,4 @@ class IngestService:
         return time.time()
 
 
-__all__ = ["IngestService", "Routing"]
+__all__ = ["IngestService", "Intake", "ItemHook", "Routing"]

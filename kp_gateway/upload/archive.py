@@ -47,15 +47,22 @@ if importlib.util.find_spec("lzma") is not None:
     _METHODS[zipfile.ZIP_LZMA] = "lzma"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ArchiveLimits:
-    """Caps applied to every archive; all are checked before anything is extracted."""
+class ArchiveLimits(Protocol):
+    """Caps applied to every archive; all are checked before anything is extracted.
 
-    max_members: int = 100_000
-    max_total_uncompressed_bytes: int = 64 * 2**30
-    max_member_bytes: int = 8 * 2**30
-    # Per member and overall; members under _RATIO_FLOOR_BYTES are exempt (see its comment).
-    max_compression_ratio: float = 200.0
+    The ``[upload]`` config section (:class:`kp_gateway.config.UploadConfig`) is one; its
+    defaults are the only ones. The ratio applies per member and overall; members under
+    ``_RATIO_FLOOR_BYTES`` are exempt (see its comment).
+    """
+
+    @property
+    def max_members(self) -> int: ...
+    @property
+    def max_total_uncompressed_bytes(self) -> int: ...
+    @property
+    def max_member_bytes(self) -> int: ...
+    @property
+    def max_compression_ratio(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ sniffing in :mod:`~kp_gateway.upload.sniff`, the durable-file helpers in :mod:`k
 
 Functions documented as blocking run on a worker thread via ``asyncio.to_thread``; the
 :class:`UploadImporter` coroutines run on the event loop. :mod:`kp_gateway.upload.service`
-owns the HTTP side (receiving, status, routes) and calls :meth:`UploadImporter.run`.
+receives and checks the body and calls :meth:`UploadImporter.run`.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kp_gateway.backends.base import StorageBackend
 from kp_gateway.durable import link_or_copy, remove_paths
 from kp_gateway.errors import (
     ConversionError,
     InvalidDicomError,
-    PipelineFull,
     RejectedInputError,
     ShuttingDownError,
 )
+from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
-from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.pipeline.ingest import Intake
+from kp_gateway.pipeline.spool import Spool
 from kp_gateway.upload.archive import ArchiveLimits, ArchiveMember, list_members, open_member
 from kp_gateway.upload.record import MAX_LISTED_FILES, Upload
 from kp_gateway.upload.sniff import (
@@ -132,8 +134,14 @@ class UploadImporter:
 
     Parameters
     ----------
-    ingest : IngestService
-        The pipeline, its spool and its storage.
+    intake : Intake
+        The pipeline's admission; its settlement hook counts instances to their uploads.
+    spool : Spool
+        Where members are extracted (``tmp/``) and committed (``incoming/``) before admission.
+    storage : StorageBackend
+        Where non-DICOM files are kept (``uploads/<id>/<name>``).
+    metrics : Metrics
+        ``instances_total{source="upload"}``.
     limits : ArchiveLimits
         Caps re-checked while extracting each member.
     admission_wait_s : float
@@ -141,26 +149,32 @@ class UploadImporter:
         the import slows down, it never drops an instance).
     nifti_importer : NiftiImporter, optional
         Converts NIfTI trees; ``None`` keeps NIfTI members as plain files under ``kind=auto``.
-    on_change : callable
-        Called with an upload whenever its counters moved (the service persists it lazily).
+
+    ``on_change`` is called with an upload whenever its counters moved; the upload service
+    sets it to persist the record lazily.
     """
 
     def __init__(
         self,
-        ingest: IngestService,
         *,
+        intake: Intake,
+        spool: Spool,
+        storage: StorageBackend,
+        metrics: Metrics,
         limits: ArchiveLimits,
         admission_wait_s: float,
         nifti_importer: NiftiImporter | None,
-        on_change: Callable[[Upload], None],
     ) -> None:
-        self._ingest = ingest
-        self._limits = limits
+        self._intake = intake
+        self.spool = spool
+        self.storage = storage
+        self._metrics = metrics
+        self.limits = limits
         self._admission_wait_s = admission_wait_s
-        self._nifti = nifti_importer
-        self._on_change = on_change
+        self.nifti = nifti_importer
+        self.on_change: Callable[[Upload], None] = _ignore_change
         self._running: dict[str, _Progress] = {}
-        ingest.item_settled_hooks.append(self._item_settled)
+        intake.add_item_settled_hook(self._item_settled)
         # Settlements of items recovered from the spool before their record was loaded.
         self._early: dict[str, list[tuple[IngestItem, BaseException | None]]] = {}
         self.records: dict[str, Upload] = {}
@@ -201,7 +215,7 @@ class UploadImporter:
         else:
             upload.instances_failed += 1
             upload.add_error(name or f"(spooled as {item.spool_path.name})", exc)
-        self._on_change(upload)
+        self.on_change(upload)
 
     def adopt(self, upload: Upload) -> None:
         """Register a loaded record and apply settlements that arrived before it. Loop only."""
@@ -218,7 +232,7 @@ class UploadImporter:
         when the upload as a whole cannot be imported, ShuttingDownError when the pipeline
         closes (the record stays ``importing`` and resumes at the next start).
         """
-        spool = self._ingest.spool
+        spool = self.spool
         suffix = f".{upload.resumes}" if upload.resumes else ""
         routing = Routing(upload.project, upload.dataset, source_id=f"upload-{upload.id}{suffix}")
         progress = _Progress(upload)
@@ -235,7 +249,7 @@ class UploadImporter:
                 await ctx.import_single()
             # The tree survives a stop, so a resumed import converts it even when every
             # member was extracted before the stop.
-            if self._nifti is not None and (
+            if self.nifti is not None and (
                 ctx.nifti_names or await asyncio.to_thread(ctx.nifti_dir.is_dir)
             ):
                 await ctx.import_nifti()
@@ -249,14 +263,14 @@ class UploadImporter:
             raise
         finally:
             self._running.pop(upload.id, None)
-            self._ingest.source_closed(routing.source_id)
+            self._intake.source_closed(routing.source_id)
             if folder is not None:
                 await asyncio.to_thread(spool.remove_source_if_empty, routing.source_id)
 
     async def _wait_for_earlier_sources(self, upload: Upload) -> None:
         # Instances spooled before the crash are re-queued by IngestService.recover; the
         # upload is done only when they have settled too.
-        incoming = self._ingest.spool.incoming
+        incoming = self.spool.incoming
         folders = [incoming / f"upload-{upload.id}"]
         folders += [incoming / f"upload-{upload.id}.{n}" for n in range(1, upload.resumes)]
         while await asyncio.to_thread(has_spooled_files, folders):
@@ -268,14 +282,9 @@ class UploadImporter:
         progress.names[str(path)] = name
         progress.submitted += 1
         progress.idle.clear()
-        while True:
-            try:
-                await self._ingest.submit(item, timeout_s=self._admission_wait_s)
-                break
-            except PipelineFull:
-                logger.info("pipeline full; upload %s waits", progress.upload.id)
+        await self._intake.submit(item, timeout_s=self._admission_wait_s, wait_forever=True)
         progress.upload.instances_submitted += 1
-        self._ingest.metrics.instances_total.labels(source="upload").inc()
+        self._metrics.instances_total.labels(source="upload").inc()
 
 
 class _Run:
@@ -292,8 +301,8 @@ class _Run:
         work_dir: Path,
     ) -> None:
         self.importer = importer
-        self.ingest = importer._ingest
-        self.limits = importer._limits
+        self.spool = importer.spool
+        self.limits = importer.limits
         self.upload = upload
         self.routing = routing
         self.folder = folder
@@ -316,7 +325,7 @@ class _Run:
             window = members[start : start + IMPORT_WINDOW]
             await asyncio.gather(*(self._import_member(member) for member in window))
             upload.members_done = start + len(window)
-            self.importer._on_change(upload)
+            self.importer.on_change(upload)
 
     async def _import_member(self, member: ArchiveMember) -> None:
         upload = self.upload
@@ -326,7 +335,7 @@ class _Run:
         upload.files_seen += 1
         try:
             path, kind = await asyncio.to_thread(
-                spool_member, self.body, member, self.limits, self.ingest.spool.tmp
+                spool_member, self.body, member, self.limits, self.spool.tmp
             )
         except RejectedInputError as exc:
             upload.add_error(member.name, exc)
@@ -340,13 +349,13 @@ class _Run:
             return
         upload.files_seen = 1
         head = await asyncio.to_thread(read_head, self.body)
-        path = self.ingest.spool.tmp / f"{uuid.uuid4().hex}.part"
+        path = self.spool.tmp / f"{uuid.uuid4().hex}.part"
         # fsync=False: the spool commit fsyncs a DICOM file; nothing else is acknowledged from
         # this copy (storage writes its own, NIfTI is converted).
         await asyncio.to_thread(link_or_copy, self.body, path, fsync=False)
         await self._dispatch(path, sniff(head, upload.filename), upload.filename)
         upload.members_done = 1
-        self.importer._on_change(upload)
+        self.importer.on_change(upload)
 
     async def _dispatch(self, path: Path, kind: MemberKind, name: str) -> None:
         """Route one extracted file (a spool tmp file we own) to the pipeline or storage."""
@@ -370,9 +379,7 @@ class _Run:
                     # file, rather than acknowledged and found broken by the store stage.
                     await asyncio.to_thread(check_complete_instance, path)
                     assert self.folder is not None
-                    spooled = await asyncio.to_thread(
-                        self.ingest.spool.commit_file, path, self.folder
-                    )
+                    spooled = await asyncio.to_thread(self.spool.commit_file, path, self.folder)
                     await self.importer.submit(self.progress, spooled, self.routing, name)
                     return
             if upload.kind == "dicom":
@@ -380,7 +387,7 @@ class _Run:
             if (
                 upload.kind in ("auto", "nifti")
                 and kind == MemberKind.NIFTI
-                and self.importer._nifti
+                and self.importer.nifti
             ):
                 await asyncio.to_thread(_move_into, path, self.nifti_dir / name)
                 self.nifti_names.append(name)
@@ -395,7 +402,7 @@ class _Run:
 
     async def _store_file(self, path: Path, name: str) -> None:
         upload = self.upload
-        size = await self.ingest.storage.put_file(f"uploads/{upload.id}/{name}", path)
+        size = await self.importer.storage.put_file(f"uploads/{upload.id}/{name}", path)
         upload.files_stored += 1
         if len(upload.files) < MAX_LISTED_FILES:
             upload.files.append({"path": name, "size": size})
@@ -406,29 +413,29 @@ class _Run:
 
         Raises ConversionError under ``kind=nifti`` when no case could even be planned.
         """
-        importer = self.importer._nifti
+        importer = self.importer.nifti
         assert importer is not None
         upload = self.upload
 
         async def emit(path: Path, name: str) -> None:
             assert self.folder is not None
-            spooled = await asyncio.to_thread(self.ingest.spool.commit_file, path, self.folder)
+            spooled = await asyncio.to_thread(self.spool.commit_file, path, self.folder)
             await self.importer.submit(self.progress, spooled, self.routing, name)
 
         def progress(cases_total: int, cases_done: int, cases_failed: int) -> None:
             upload.cases_total = cases_total
             upload.cases_done = cases_done
             upload.cases_failed = cases_failed
-            self.importer._on_change(upload)
+            self.importer.on_change(upload)
 
         def warn(message: str) -> None:
             upload.add_warning(message)
-            self.importer._on_change(upload)
+            self.importer.on_change(upload)
 
         job = NiftiJob(
             self.nifti_dir,
             self.routing,
-            self.ingest.spool.tmp,
+            self.spool.tmp,
             emit,
             progress=progress,
             warn=warn,
@@ -448,6 +455,10 @@ class _Run:
         if errors and upload.kind == "nifti" and upload.cases_total == 0:
             # Nothing was even planned (invalid JSON, no layout): the upload as a whole failed.
             raise ConversionError(errors[0][1])
+
+
+def _ignore_change(upload: Upload) -> None:
+    """The default ``on_change``: nothing persists the record."""
 
 
 def _move_into(src: Path, dst: Path) -> None:

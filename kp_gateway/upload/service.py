@@ -1,91 +1,67 @@
-"""HTTP uploads: streamed receiving (``POST /api/uploads`` and tus 1.0), durable status
-records, uploaded files, the upload page and its static files.
+"""The upload service: streamed receiving into the upload state folder, durable status records,
+the checks before acceptance, and bounded background imports.
 
-Handlers and :class:`UploadService` run on the event loop; file writes go to worker threads.
-The import itself (zip members into the pipeline) lives in :mod:`kp_gateway.upload.importer`.
-
-Routes (:func:`setup_uploads`)::
-
-    POST   /api/uploads                 multipart (field "file") or raw body -> 202 {id, status_url}
-    GET    /api/uploads[?project=&state=&limit=]    GET /api/uploads/{id}
-    OPTIONS/POST /api/uploads/tus       HEAD/PATCH/DELETE /api/uploads/tus/{id}   (tus 1.0.0)
-    GET    /api/files?project=          GET /api/files/{upload id}/{path}
-    GET    /api/config/public           GET /   GET /static/...
+It knows nothing of HTTP: :mod:`kp_gateway.http.uploads` parses requests (multipart, tus
+headers) and calls the coroutines here with the body as a ``read(n)`` coroutine. Everything here
+runs on the event loop; file writes go to worker threads. The import itself (zip members into
+the pipeline) lives in :mod:`kp_gateway.upload.importer`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import datetime
 import logging
 import re
 import time
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CollectorRegistry, Histogram
-
-from kp_gateway.config import Config
-from kp_gateway.datadir import DataDir
+from kp_gateway.config import UploadConfig
 from kp_gateway.durable import fsync_file, remove_paths, write_atomic
 from kp_gateway.errors import (
-    GatewayError,
+    FeatureUnavailableError,
     PayloadTooLargeError,
     RejectedInputError,
     ShuttingDownError,
     UnknownProjectError,
+    UnknownUploadError,
     UnsafeArchiveError,
-    error_code_for,
-    http_status_for,
+    UploadConflictError,
+    UploadFailedError,
+    UploadOffsetError,
 )
-from kp_gateway.http.responses import json_error, stream_object
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
+from kp_gateway.metrics import Metrics
 from kp_gateway.names import DATASET_NAME_RULE, is_dataset_name
-from kp_gateway.pipeline.ingest import IngestService
-from kp_gateway.upload.archive import ArchiveLimits, normalise_member_name
-from kp_gateway.upload.importer import NiftiImporter, UploadImporter
+from kp_gateway.upload.archive import normalise_member_name
+from kp_gateway.upload.importer import UploadImporter
 from kp_gateway.upload.record import DONE, FAILED, IMPORTING, KINDS, RECEIVING, Upload, read_records
 from kp_gateway.upload.sniff import inspect_body
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "http" / "static"
-TUS_VERSION = "1.0.0"
-TUS_BASE = "/api/uploads/tus"
+# The routing parameters an upload may carry (query string, form fields, tus metadata).
+ROUTING_KEYS = frozenset({"project", "dataset", "kind", "extension", "filename"})
 _EXTENSION_RE = re.compile(r"^\.?[a-z0-9._-]{1,16}$")
-_QUERY_KEYS = {"project", "dataset", "kind", "extension", "filename", "token"}
-_READ_ERRORS = (ConnectionError, HttpProcessingError, asyncio.IncompleteReadError)
+_WRITE_CHUNK_BYTES = 1 << 20  # received bytes are buffered up to this per write
 _TUS_IDLE_FLUSH_S = 0.2  # a paused PATCH writes its buffer, so HEAD reports every byte
+_TUS_LOCK_WAIT_S = 10.0  # a second PATCH of one upload waits this long for the first
 _SAVE_INTERVAL_S = 0.5  # how stale a status document may get while importing
-_IMPORT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600)
-_histograms: weakref.WeakKeyDictionary[CollectorRegistry, Histogram] = weakref.WeakKeyDictionary()
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UploadLimits:
-    """Bounds of the upload path (the ``[upload]`` config section)."""
-
-    max_upload_bytes: int = 64 * 2**30  # also what tus offers as Tus-Max-Size
-    archive: ArchiveLimits = field(default_factory=ArchiveLimits)
-    # Imports are disk- and pipeline-bound; two keep the pipeline busy, more only interleave.
-    max_concurrent_imports: int = 2
-    admission_wait_s: float = 20.0  # per submit attempt; a full pipeline is waited out
-    write_chunk_bytes: int = 1 << 20  # received bytes are buffered up to this per write
-    tus_expiry_s: float = 7 * 86400.0  # an unfinished tus upload idle this long is dropped
+# Reads a chunk of at most n bytes of the body; b"" at its end. A body cut off raises
+# ConnectionError (the HTTP layer translates its own read errors into one).
+BodyRead = Callable[[int], Awaitable[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
-class _Params:
+class UploadParams:
+    """Where an upload goes and how to read it, checked by :meth:`UploadService.params`."""
+
     project: str
     dataset: str
     kind: str
@@ -93,7 +69,7 @@ class _Params:
     filename: str
 
 
-def _safe_filename(raw: str) -> str:
+def safe_filename(raw: str) -> str:
     """The last path component of a client-supplied file name, or ``upload.bin``."""
     base = raw.replace("\\", "/").rsplit("/", 1)[-1].strip()
     try:
@@ -103,16 +79,15 @@ def _safe_filename(raw: str) -> str:
     return name or "upload.bin"
 
 
-class _BodyWriter:
+class BodyWriter:
     """Appends streamed bytes to a file from a worker thread, with a running byte cap."""
 
     def __init__(
-        self, path: Path, *, offset: int, cap: int, chunk: int, on_bytes: Callable[[int], None]
+        self, path: Path, *, offset: int, cap: int, on_bytes: Callable[[int], None]
     ) -> None:
         self.path = path
         self.position = offset  # bytes durably handed to the file so far
         self._cap = cap
-        self._chunk = chunk
         self._on_bytes = on_bytes
         self._buf = bytearray()
         self._fh: Any = None
@@ -130,7 +105,7 @@ class _BodyWriter:
         if self.position + len(self._buf) + len(data) > self._cap:
             raise PayloadTooLargeError(f"the upload exceeds the limit of {self._cap} bytes")
         self._buf += data
-        if len(self._buf) >= self._chunk:
+        if len(self._buf) >= _WRITE_CHUNK_BYTES:
             await self.flush()
 
     async def flush(self) -> None:
@@ -155,9 +130,7 @@ class _BodyWriter:
 
         await asyncio.to_thread(_close)
 
-    async def pump(
-        self, read: Callable[[int], Awaitable[bytes]], *, idle_flush_s: float | None = None
-    ) -> None:
+    async def pump(self, read: BodyRead, *, idle_flush_s: float | None = None) -> None:
         """Copy everything `read` yields, then flush. Constant memory whatever the size.
 
         With `idle_flush_s`, buffered bytes are written out whenever the sender pauses that
@@ -165,11 +138,11 @@ class _BodyWriter:
         """
         while True:
             if idle_flush_s is None:
-                data = await read(self._chunk)
+                data = await read(_WRITE_CHUNK_BYTES)
             else:
                 try:
                     async with asyncio.timeout(idle_flush_s):
-                        data = await read(self._chunk)
+                        data = await read(_WRITE_CHUNK_BYTES)
                 except TimeoutError:
                     await self.flush()
                     continue
@@ -179,53 +152,63 @@ class _BodyWriter:
         await self.flush()
 
 
+# Receives a whole body into the writer: the HTTP layer's part (raw body or multipart). It may
+# name the file, and returns routing parameters found after the file (form fields), if any.
+BodyCopier = Callable[[Upload, BodyWriter], Awaitable[Mapping[str, str] | None]]
+
+
 class UploadService:
     """Receives uploads, keeps their status records, and runs bounded background imports.
 
     Construct it before ``IngestService.start()`` so that instances recovered from the spool
-    are attributed to their upload; :func:`setup_uploads` starts and stops it with the app.
-    Runs on the event loop.
+    are attributed to their upload (the importer's settlement hook counts them). Started and
+    stopped by the HTTP app's lifecycle. Runs on the event loop.
+
+    Parameters
+    ----------
+    cfg : UploadConfig
+        The ``[upload]`` section: size caps, import slots, admission wait, tus expiry.
+    state_dir : Path
+        Where records (``<id>.json``) and bodies (``.part`` while receiving, ``.body``) live.
+    fsync : bool
+        ``storage.fsync``: whether an accepted body and its record are fsynced first.
+    importer : UploadImporter
+        Imports accepted bodies into the pipeline; it owns the records' dictionary.
+    project_exists : callable
+        The index's project lookup (an upload into an unknown project is refused).
+    metrics : Metrics
+        ``uploads_total``, ``upload_bytes`` and ``upload_import_seconds``.
+    nifti_available : bool
+        Whether ``kind=nifti`` can be converted (else 501).
     """
 
     def __init__(
         self,
-        cfg: Config,
-        ingest: IngestService,
+        cfg: UploadConfig,
         *,
-        limits: UploadLimits | None = None,
-        nifti_importer: NiftiImporter | None = None,
+        state_dir: Path,
+        fsync: bool,
+        importer: UploadImporter,
+        project_exists: Callable[[str], Awaitable[bool]],
+        metrics: Metrics,
+        nifti_available: bool,
     ) -> None:
-        self._cfg = cfg
-        self._ingest = ingest
-        self.limits = limits or UploadLimits()
-        self._nifti = nifti_importer
-        self.state_dir = DataDir.at(cfg.data_dir).uploads_state
-        self._fsync = cfg.storage.fsync
-        self._importer = UploadImporter(
-            ingest,
-            limits=self.limits.archive,
-            admission_wait_s=self.limits.admission_wait_s,
-            nifti_importer=nifti_importer,
-            on_change=self._changed,
-        )
-        self.records = self._importer.records
+        self.cfg = cfg
+        self.state_dir = state_dir
+        self.nifti_available = nifti_available
+        self._fsync = fsync
+        self._importer = importer
+        self._project_exists = project_exists
+        self._metrics = metrics
+        self.records = importer.records
         self._dirty: set[str] = set()
         self._save_lock = asyncio.Lock()
         self._tus_locks: dict[str, asyncio.Lock] = {}
-        self._slots = asyncio.Semaphore(self.limits.max_concurrent_imports)
+        self._slots = asyncio.Semaphore(cfg.max_concurrent_imports)
         self._tasks: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
-        metrics = ingest.metrics
-        self._import_seconds = _histograms.get(metrics.registry)
-        if self._import_seconds is None:
-            self._import_seconds = Histogram(
-                "kp_gateway_upload_import_seconds",
-                "Time from an upload's last byte to the end of its import.",
-                buckets=_IMPORT_BUCKETS,
-                registry=metrics.registry,
-            )
-            _histograms[metrics.registry] = self._import_seconds
+        importer.on_change = self._changed
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -248,7 +231,7 @@ class UploadService:
         if await asyncio.to_thread(body.exists):
             upload.state = IMPORTING  # fully received and checked; the crash hit the hand-over
             return
-        expired = time.time() - upload.updated_at > self.limits.tus_expiry_s
+        expired = time.time() - upload.updated_at > self.cfg.tus_expiry_s
         if upload.protocol == "tus" and not expired and await asyncio.to_thread(part.exists):
 
             def _trim() -> None:
@@ -279,12 +262,6 @@ class UploadService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self._flush_dirty()
-
-    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp cleanup context: start with the app, stop before it is torn down."""
-        await self.start()
-        yield
-        await self.aclose()
 
     # -- records --------------------------------------------------------------------------
 
@@ -333,40 +310,61 @@ class UploadService:
                 remove_paths, json_path, self._body(upload.id), self._part(upload.id)
             )
 
+    async def _reject(self, upload: Upload) -> None:
+        await self._discard(upload)
+        self._metrics.uploads_total.labels(state="rejected").inc()
+
     def _finish(self, upload: Upload, state: str, detail: str) -> None:
         upload.state, upload.detail, upload.finished_at = state, detail, time.time()
-        self._ingest.metrics.uploads_total.labels(state=state).inc()
+        self._metrics.uploads_total.labels(state=state).inc()
+
+    def get(self, upload_id: str) -> Upload:
+        """The record of `upload_id`; UnknownUploadError (404) when there is none."""
+        upload = self.records.get(upload_id)
+        if upload is None:
+            raise UnknownUploadError(f"no upload {upload_id}")
+        return upload
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def _params(self, query: Any) -> _Params:
-        unknown = set(query) - _QUERY_KEYS
+    def check_open(self) -> None:
+        """ShuttingDownError (503) once the gateway stops taking uploads."""
+        if self._closing:
+            raise ShuttingDownError("the gateway is shutting down")
+
+    async def params(self, values: Mapping[str, str]) -> UploadParams:
+        """Check routing parameters; raises RejectedInputError (400), UnknownProjectError (404)
+        or FeatureUnavailableError (501 for ``kind=nifti`` without the importer)."""
+        unknown = set(values) - ROUTING_KEYS
         if unknown:
             raise RejectedInputError(
                 f"unknown parameter(s) {', '.join(sorted(unknown))}; "
-                f"use {', '.join(sorted(_QUERY_KEYS - {'token'}))}"
+                f"use {', '.join(sorted(ROUTING_KEYS))}"
             )
-        project = (query.get("project") or ADMIN_PROJECT).strip().lower()
+        project = (values.get("project") or ADMIN_PROJECT).strip().lower()
         default_dataset = f"upload-{datetime.date.today():%Y%m%d}"
-        dataset = (query.get("dataset") or default_dataset).strip().lower()
+        dataset = (values.get("dataset") or default_dataset).strip().lower()
         if not is_dataset_name(dataset):
             raise RejectedInputError(f"dataset {dataset!r} is not valid: {DATASET_NAME_RULE}")
-        kind = (query.get("kind") or "auto").strip().lower()
+        kind = (values.get("kind") or "auto").strip().lower()
         if kind not in KINDS:
             raise RejectedInputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        extension = (query.get("extension") or "").strip().lower()
+        extension = (values.get("extension") or "").strip().lower()
         if extension and not _EXTENSION_RE.match(extension):
             raise RejectedInputError(f"extension {extension!r} is not a file extension")
         if extension and not extension.startswith("."):
             extension = "." + extension
-        if not await self._ingest.index.project_exists(project):
+        if not await self._project_exists(project):
             raise UnknownProjectError(f"project {project!r} does not exist")
-        if kind == "nifti" and self._nifti is None:
-            raise _NotImplementedUpload()
-        filename = _safe_filename(query.get("filename") or "")
-        return _Params(project, dataset, kind, extension, filename)
+        if kind == "nifti" and not self.nifti_available:
+            raise FeatureUnavailableError(
+                "kind=nifti needs the NIfTI importer, which is not installed in this gateway; "
+                "upload DICOM, or use kind=files to keep the NIfTI files as they are"
+            )
+        filename = safe_filename(values.get("filename") or "")
+        return UploadParams(project, dataset, kind, extension, filename)
 
-    def _new_upload(self, params: _Params, protocol: str, expected: int | None) -> Upload:
+    def _new_upload(self, params: UploadParams, protocol: str, expected: int | None) -> Upload:
         now = time.time()
         upload = Upload(
             id=f"{time.strftime('%Y%m%d')}-{uuid.uuid4().hex[:12]}",
@@ -383,20 +381,52 @@ class UploadService:
         self.records[upload.id] = upload
         return upload
 
-    def _writer(self, upload: Upload, *, cap: int) -> _BodyWriter:
-        metric = self._ingest.metrics.upload_bytes
+    def _writer(self, upload: Upload, *, cap: int) -> BodyWriter:
+        metric = self._metrics.upload_bytes
 
         def counted(n: int) -> None:
             upload.bytes_received += n
             metric.inc(n)
 
-        return _BodyWriter(
-            self._part(upload.id),
-            offset=upload.bytes_received,
-            cap=cap,
-            chunk=self.limits.write_chunk_bytes,
-            on_bytes=counted,
+        return BodyWriter(
+            self._part(upload.id), offset=upload.bytes_received, cap=cap, on_bytes=counted
         )
+
+    async def receive(
+        self, params: UploadParams, copy_body: BodyCopier, *, expected: int | None
+    ) -> Upload:
+        """Receive a whole upload in one request, check it, and hand it to an import.
+
+        `copy_body` streams the body into the writer it is given and may return routing
+        parameters that came after the file (they replace `params`' routing; the caller merges
+        its own precedence in). Raises PayloadTooLargeError (413) as soon as the cap is
+        passed, UnsafeArchiveError/InvalidDicomError (400) and UnsupportedMediaError (415)
+        after it; RejectedInputError when the body was cut off. Nothing of a refused upload
+        stays behind.
+        """
+        self.check_open()
+        cap = self.cfg.max_upload_bytes
+        if expected is not None and expected > cap:
+            raise PayloadTooLargeError(f"the upload exceeds the limit of {cap} bytes")
+        upload = self._new_upload(params, "post", expected)
+        writer = self._writer(upload, cap=cap)
+        try:
+            await self._save(upload)
+            await writer.open()
+            routing = await copy_body(upload, writer)
+            if routing:
+                routed = await self.params({**routing, "filename": upload.filename})
+                upload.project, upload.dataset = routed.project, routed.dataset
+                upload.kind, upload.extension = routed.kind, routed.extension
+            await writer.close(sync=self._fsync)
+            await self._accept(upload)
+        except BaseException as exc:
+            await writer.close(sync=False)
+            await self._reject(upload)
+            if isinstance(exc, ConnectionError):
+                raise RejectedInputError(f"the upload was cut off: {exc}") from exc
+            raise
+        return upload
 
     async def _accept(self, upload: Upload) -> None:
         """The last byte arrived: check the body, then hand it to a background import.
@@ -406,7 +436,7 @@ class UploadService:
         """
         part, body = self._part(upload.id), self._body(upload.id)
         container, members = await asyncio.to_thread(
-            inspect_body, part, upload.filename, upload.kind, upload.extension, self.limits.archive
+            inspect_body, part, upload.filename, upload.kind, upload.extension, self.cfg
         )
         await asyncio.to_thread(part.rename, body)
         upload.container, upload.members_total = container, members
@@ -443,104 +473,30 @@ class UploadService:
                     upload.instances_imported or upload.files_stored or upload.cases_done
                 )
                 state = FAILED if nothing and upload.errors_total else DONE
-                self._finish(upload, state, _summary(upload))
-            assert self._import_seconds is not None
-            self._import_seconds.observe(time.monotonic() - started)
+                self._finish(upload, state, summary(upload))
+            self._metrics.upload_import_seconds.observe(time.monotonic() - started)
             await asyncio.to_thread(remove_paths, self._body(upload.id))
             await self._save(upload)
             logger.info("upload %s %s: %s", upload.id, upload.state, upload.detail)
 
-    async def post_upload(self, request: web.Request) -> web.Response:
-        """``POST /api/uploads``: stream the body to disk, check it, answer 202.
-
-        Raises UnknownProjectError (404) before reading the body, PayloadTooLargeError (413)
-        as soon as the cap is passed, UnsafeArchiveError/InvalidDicomError (400) and
-        UnsupportedMediaError (415) after it; nothing of a refused upload stays behind.
-        """
-        self._check_open()
-        params = await self._params(request.query)
-        cap = self.limits.max_upload_bytes
-        if request.content_length is not None and request.content_length > cap:
-            raise PayloadTooLargeError(f"the upload exceeds the limit of {cap} bytes")
-        multipart = request.content_type.startswith("multipart/")
-        # A multipart Content-Length counts boundaries and headers too: no exact size then.
-        expected = None if multipart else request.content_length
-        upload = self._new_upload(params, "post", expected)
-        writer = self._writer(upload, cap=cap)
-        try:
-            await self._save(upload)
-            await writer.open()
-            if multipart:
-                reader = await _multipart(request)
-                fields, part = await _form_fields_until_file(reader)
-                if part.filename and "filename" not in request.query:
-                    upload.filename = _safe_filename(part.filename)
-                await writer.pump(part.read_chunk)
-                fields.update(await _form_fields_after_file(reader))
-                if fields:
-                    # Form fields name the project/dataset too; the query string wins.
-                    routed = await self._params({**fields, **request.query})
-                    upload.project, upload.dataset = routed.project, routed.dataset
-                    upload.kind, upload.extension = routed.kind, routed.extension
-            else:
-                await writer.pump(request.content.read)
-            await writer.close(sync=self._fsync)
-            await self._accept(upload)
-        except BaseException as exc:
-            await writer.close(sync=False)
-            await self._discard(upload)
-            self._ingest.metrics.uploads_total.labels(state="rejected").inc()
-            if isinstance(exc, _READ_ERRORS):
-                raise RejectedInputError(f"the upload was cut off: {exc}") from exc
-            raise
-        return web.json_response(
-            {"id": upload.id, "status_url": f"/api/uploads/{upload.id}", "state": upload.state},
-            status=202,
-        )
-
-    def _check_open(self) -> None:
-        if self._closing:
-            raise ShuttingDownError("the gateway is shutting down")
-
     # -- tus 1.0.0: core, creation, termination -------------------------------------------
 
-    def _tus_headers(self) -> dict[str, str]:
-        return {
-            "Tus-Resumable": TUS_VERSION,
-            "Tus-Version": TUS_VERSION,
-            "Tus-Extension": "creation,termination",
-            "Tus-Max-Size": str(self.limits.max_upload_bytes),
-        }
-
-    def _tus_upload(self, request: web.Request) -> Upload:
-        upload = self.records.get(request.match_info["id"])
+    def tus_upload(self, upload_id: str) -> Upload:
+        """The tus upload `upload_id`; UnknownUploadError (404) for anything else."""
+        upload = self.records.get(upload_id)
         if upload is None or upload.protocol != "tus":
-            raise web.HTTPNotFound(text="no such tus upload")
+            raise UnknownUploadError("no such tus upload")
         return upload
 
-    async def options_tus(self, request: web.Request) -> web.Response:
-        """tus discovery: versions, extensions and the size limit."""
-        return web.Response(status=204, headers=self._tus_headers())
-
-    async def post_tus(self, request: web.Request) -> web.Response:
-        """tus creation: ``Upload-Length`` and ``Upload-Metadata`` (base64 project, dataset,
-        kind, filename, extension) -> 201 with ``Location``."""
-        self._check_open()
-        if "Upload-Concat" in request.headers:
-            # Not advertised in Tus-Extension: a client splitting a file into partial uploads
-            # (tus-js-client's parallelUploads) would otherwise get each part imported alone.
-            raise RejectedInputError(
-                "Upload-Concat (the tus concatenation extension) is not supported; "
-                "send the file as one upload (tus-js-client: parallelUploads 1)"
-            )
-        length = _int_header(request, "Upload-Length")
+    async def create_tus(self, params: UploadParams, length: int) -> Upload:
+        """tus creation: an empty partial body and a durable record for `length` bytes."""
+        self.check_open()
         if length == 0:
             raise RejectedInputError("Upload-Length is 0: the upload is empty")
-        if length > self.limits.max_upload_bytes:
+        if length > self.cfg.max_upload_bytes:
             raise PayloadTooLargeError(
-                f"Upload-Length {length} exceeds the limit of {self.limits.max_upload_bytes}"
+                f"Upload-Length {length} exceeds the limit of {self.cfg.max_upload_bytes}"
             )
-        params = await self._params(_tus_metadata(request.headers.get("Upload-Metadata", "")))
         upload = self._new_upload(params, "tus", length)
         try:
             await asyncio.to_thread(self._part(upload.id).touch)
@@ -548,59 +504,41 @@ class UploadService:
         except BaseException:
             await self._discard(upload)
             raise
-        location = f"{TUS_BASE}/{upload.id}"
-        return web.Response(
-            status=201,
-            headers={"Location": location, "Upload-Offset": "0", "Tus-Resumable": TUS_VERSION},
-        )
+        return upload
 
-    async def head_tus(self, request: web.Request) -> web.Response:
-        """tus offset discovery: ``Upload-Offset`` and ``Upload-Length``."""
-        upload = self._tus_upload(request)
+    def tus_offset(self, upload: Upload) -> int:
+        """tus offset discovery; UploadFailedError (410) when the upload failed."""
         if upload.state == FAILED:
-            raise web.HTTPGone(text=f"the upload failed: {upload.detail}")
-        return web.Response(
-            status=200,
-            headers={
-                "Upload-Offset": str(upload.bytes_received),
-                "Upload-Length": str(upload.bytes_expected),
-                "Cache-Control": "no-store",
-                "Tus-Resumable": TUS_VERSION,
-            },
-        )
+            raise UploadFailedError(f"the upload failed: {upload.detail}")
+        return upload.bytes_received
 
-    async def patch_tus(self, request: web.Request) -> web.Response:
-        """tus append: bytes at ``Upload-Offset``; 409 when it is not the current offset.
+    async def append_tus(self, upload: Upload, offset: int, read: BodyRead) -> None:
+        """tus append: the bytes `read` yields, at `offset`, durable before this returns.
 
-        The last byte triggers the same checks and import as ``POST /api/uploads``.
+        A body cut off keeps what arrived (the client resumes from the offset). The last byte
+        triggers the same checks and import as :meth:`receive`. Raises UploadOffsetError (409)
+        when `offset` is not the current offset, UploadConflictError (409) while another
+        append of the same upload runs past ``_TUS_LOCK_WAIT_S``.
         """
-        self._check_open()
-        upload = self._tus_upload(request)
-        if request.content_type != "application/offset+octet-stream":
-            raise web.HTTPUnsupportedMediaType(
-                text="PATCH needs Content-Type: application/offset+octet-stream"
-            )
-        offset = _int_header(request, "Upload-Offset")
+        self.check_open()
         lock = self._tus_locks.setdefault(upload.id, asyncio.Lock())
         try:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(_TUS_LOCK_WAIT_S):
                 await lock.acquire()
         except TimeoutError:
-            raise web.HTTPConflict(text="another PATCH of this upload is in progress") from None
+            raise UploadConflictError("another PATCH of this upload is in progress") from None
         try:
             if upload.state != RECEIVING or offset != upload.bytes_received:
-                return json_error(
-                    409,
-                    "offset_mismatch",
+                raise UploadOffsetError(
                     f"Upload-Offset is {offset}, the upload is at {upload.bytes_received}",
-                    **{"Upload-Offset": str(upload.bytes_received), "Tus-Resumable": TUS_VERSION},
+                    offset=upload.bytes_received,
                 )
             assert upload.bytes_expected is not None
             writer = self._writer(upload, cap=upload.bytes_expected)
             await writer.open()
             try:
-                await writer.pump(request.content.read, idle_flush_s=_TUS_IDLE_FLUSH_S)
-            except _READ_ERRORS:
+                await writer.pump(read, idle_flush_s=_TUS_IDLE_FLUSH_S)
+            except ConnectionError:
                 logger.info("tus upload %s cut off at %d bytes", upload.id, writer.position)
             finally:
                 await writer.flush()
@@ -610,92 +548,20 @@ class UploadService:
                 try:
                     await self._accept(upload)
                 except BaseException:
-                    await self._discard(upload)
-                    self._ingest.metrics.uploads_total.labels(state="rejected").inc()
+                    await self._reject(upload)
                     raise
         finally:
             lock.release()
-        return web.Response(
-            status=204,
-            headers={"Upload-Offset": str(upload.bytes_received), "Tus-Resumable": TUS_VERSION},
-        )
 
-    async def delete_tus(self, request: web.Request) -> web.Response:
+    async def terminate_tus(self, upload: Upload) -> None:
         """tus termination: drop an unfinished (or finished) upload and its bytes."""
-        upload = self._tus_upload(request)
         if upload.state == IMPORTING:
-            raise web.HTTPConflict(text="the upload is being imported; wait until it finishes")
+            raise UploadConflictError("the upload is being imported; wait until it finishes")
         await self._discard(upload)
-        return web.Response(status=204, headers={"Tus-Resumable": TUS_VERSION})
-
-    # -- status, files, config ------------------------------------------------------------
-
-    async def get_uploads(self, request: web.Request) -> web.Response:
-        """Uploads, newest first, optionally filtered by ``project`` and ``state``."""
-        project, state = request.query.get("project"), request.query.get("state")
-        try:
-            limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
-        except ValueError:
-            raise RejectedInputError("limit must be an integer") from None
-        items = [
-            _public(u, full=False)
-            for u in sorted(self.records.values(), key=lambda u: -u.created_at)
-            if (not project or u.project == project.lower()) and (not state or u.state == state)
-        ]
-        return web.json_response({"total": len(items), "items": items[:limit]})
-
-    async def get_upload(self, request: web.Request) -> web.Response:
-        """One upload's status: state, bytes, files, instances, series (with links), errors."""
-        upload = self.records.get(request.match_info["id"])
-        if upload is None:
-            return json_error(404, "not_found", f"no upload {request.match_info['id']}")
-        return web.json_response(_public(upload, full=True))
-
-    async def get_files(self, request: web.Request) -> web.Response:
-        """Files kept in object storage from uploads (``kind=files`` and non-DICOM members)."""
-        project = (request.query.get("project") or "").lower()
-        items = []
-        for upload in sorted(self.records.values(), key=lambda u: -u.created_at):
-            if project and upload.project != project:
-                continue
-            for entry in upload.files:
-                items.append(_file_entry(upload, entry))
-        return web.json_response({"total": len(items), "items": items})
-
-    async def get_file(self, request: web.Request) -> web.StreamResponse:
-        """The bytes of one uploaded file: ``/api/files/<upload id>/<relative path>``."""
-        upload_id, _, rel = request.match_info["path"].partition("/")
-        upload = self.records.get(upload_id)
-        if upload is None or not any(f["path"] == rel for f in upload.files):
-            return json_error(404, "not_found", f"no uploaded file {request.match_info['path']}")
-        storage = self._ingest.storage
-        key = f"uploads/{upload_id}/{rel}"
-        name = quote(rel.rsplit("/", 1)[-1])
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Content-Disposition": f"attachment; filename*=UTF-8''{name}",
-        }
-        return await stream_object(request, storage, key, headers)
-
-    async def get_public_config(self, request: web.Request) -> web.Response:
-        """What the upload page needs to build the ``dcmsend`` command and its uploads."""
-        dicom = self._cfg.dicom
-        return web.json_response(
-            {
-                "public_host": self._cfg.http.public_host,
-                "dicom_port": dicom.public_port or dicom.port,
-                "max_upload_bytes": self.limits.max_upload_bytes,
-                "tus_endpoint": TUS_BASE,
-                "nifti_import": self._nifti is not None,
-            }
-        )
 
 
-class _NotImplementedUpload(GatewayError):
-    """kind=nifti while no NIfTI importer is installed (answered 501 by `_tus_errors`)."""
-
-
-def _summary(upload: Upload) -> str:
+def summary(upload: Upload) -> str:
+    """One line on what an import did, for the record's ``detail``."""
     parts = [
         f"{upload.instances_imported} instances in {len(upload.series)} series",
         f"{upload.files_stored} files stored",
@@ -710,193 +576,13 @@ def _summary(upload: Upload) -> str:
     return ", ".join(parts)
 
 
-def _file_entry(upload: Upload, entry: dict[str, Any]) -> dict[str, Any]:
-    path = f"{upload.id}/{entry['path']}"
-    return {
-        "path": path,
-        "name": entry["path"],
-        "size": entry["size"],
-        "upload_id": upload.id,
-        "project": upload.project,
-        "dataset": upload.dataset,
-        "uploaded_at": upload.finished_at or upload.updated_at,
-        "url": f"/api/files/{quote(path)}",
-    }
-
-
-def _public(upload: Upload, *, full: bool) -> dict[str, Any]:
-    doc = upload.to_dict()
-    for private in ("series", "files", "errors", "warnings", "members_done", "resumes"):
-        doc.pop(private)
-    doc["members_done"] = upload.members_done
-    doc["series_created"] = len(upload.series)
-    doc["status_url"] = f"/api/uploads/{upload.id}"
-    if upload.protocol == "tus":
-        doc["tus_url"] = f"{TUS_BASE}/{upload.id}"
-    if full:
-        doc["series"] = [
-            {
-                "series_uid": uid,
-                "url": f"/api/series/{uid}",
-                "gallery_url": f"/gallery?series={uid}",
-            }
-            for uid in upload.series
-        ]
-        doc["files"] = [_file_entry(upload, f) for f in upload.files]
-        doc["errors"] = upload.errors
-        doc["warnings"] = upload.warnings
-    return doc
-
-
-# Form fields that may stand beside the file (the query string's own names), and how long a
-# value may be: they are read into memory.
-_FORM_FIELDS = frozenset({"project", "dataset", "kind", "extension"})
-_MAX_FIELD_BYTES = 256
-
-
-async def _multipart(request: web.Request) -> MultipartReader:
-    try:
-        return await request.multipart()
-    except (ValueError, AssertionError, RuntimeError) as exc:
-        raise RejectedInputError(f"malformed multipart body: {exc}") from exc
-
-
-async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
-    try:
-        part = await reader.next()
-    except (ValueError, AssertionError, RuntimeError) as exc:
-        raise RejectedInputError(f"malformed multipart body: {exc}") from exc
-    if part is not None and not isinstance(part, BodyPartReader):
-        raise RejectedInputError("nested multipart bodies are not supported")
-    return part
-
-
-async def _form_field(part: BodyPartReader) -> tuple[str, str] | None:
-    """A small form field this endpoint knows (project, dataset, kind, extension), else None."""
-    if part.name not in _FORM_FIELDS or part.filename:
-        await part.release()
-        return None
-    value = bytearray()
-    while chunk := await part.read_chunk(1024):
-        value += chunk
-        if len(value) > _MAX_FIELD_BYTES:
-            raise RejectedInputError(
-                f"form field {part.name!r} is longer than {_MAX_FIELD_BYTES} bytes"
-            )
-    return str(part.name), value.decode("utf-8", "replace")
-
-
-async def _form_fields_until_file(
-    reader: MultipartReader,
-) -> tuple[dict[str, str], BodyPartReader]:
-    """The known form fields before the part named ``file``, and that part (not yet read)."""
-    fields: dict[str, str] = {}
-    while (part := await _next_part(reader)) is not None:
-        if part.name == "file":
-            return fields, part
-        field = await _form_field(part)
-        if field is not None:
-            fields[field[0]] = field[1]
-    raise RejectedInputError("the multipart body has no part named 'file'")
-
-
-async def _form_fields_after_file(reader: MultipartReader) -> dict[str, str]:
-    """The known form fields after the file; a second file refuses the whole request.
-
-    Importing only the first of several files would drop the others silently (curl -F file=@a
-    -F file=@b); one upload is one file or one zip.
-    """
-    fields: dict[str, str] = {}
-    while (part := await _next_part(reader)) is not None:
-        if part.name == "file" or part.filename:
-            await part.release()
-            raise RejectedInputError(
-                "the request carries more than one file; send one file per upload, or a zip"
-            )
-        field = await _form_field(part)
-        if field is not None:
-            fields[field[0]] = field[1]
-    return fields
-
-
-def _int_header(request: web.Request, name: str) -> int:
-    raw = request.headers.get(name, "")
-    if not raw.isdigit():
-        raise RejectedInputError(f"header {name} must be a non-negative integer, got {raw!r}")
-    return int(raw)
-
-
-def _tus_metadata(raw: str) -> dict[str, str]:
-    """Decode ``Upload-Metadata``: comma-separated ``key base64value`` pairs (tus 1.0)."""
-    values: dict[str, str] = {}
-    for pair in filter(None, (p.strip() for p in raw.split(","))):
-        key, _, encoded = pair.partition(" ")
-        try:
-            values[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            raise RejectedInputError(f"Upload-Metadata value of {key!r} is not base64") from None
-    # tus-js-client sends "filename" or "name"; both mean the same here.
-    if "name" in values and "filename" not in values:
-        values["filename"] = values.pop("name")
-    values.pop("filetype", None)
-    return values
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _tus_errors(handler: Handler) -> Handler:
-    """Give tus and upload errors their JSON body plus ``Tus-Resumable``; 501 for NIfTI."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        tus = {"Tus-Resumable": TUS_VERSION} if request.path.startswith(TUS_BASE) else {}
-        try:
-            return await handler(request)
-        except _NotImplementedUpload:
-            return json_error(
-                501,
-                "not_implemented",
-                "kind=nifti needs the NIfTI importer, which is not installed in this gateway; "
-                "upload DICOM, or use kind=files to keep the NIfTI files as they are",
-                **tus,
-            )
-        except GatewayError as exc:
-            status = http_status_for(exc)
-            extra = {"Retry-After": "5"} if status == 503 else {}
-            return json_error(status, error_code_for(exc), str(exc), **tus, **extra)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = exc.reason.lower().replace(" ", "_")
-            return json_error(exc.status, code, exc.text or exc.reason, **tus)
-
-    return wrapped
-
-
-async def get_page(request: web.Request) -> web.FileResponse:
-    """``GET /``: the upload page."""
-    return web.FileResponse(WEB_DIR / "upload.html", headers={"Cache-Control": "no-cache"})
-
-
-def setup_uploads(app: web.Application, service: UploadService) -> None:
-    """Add the upload routes, the page and ``/static/``; start/stop `service` with `app`."""
-    r = app.router
-    s = service
-    r.add_route("OPTIONS", TUS_BASE, _tus_errors(s.options_tus))
-    r.add_route("OPTIONS", TUS_BASE + "/{id}", _tus_errors(s.options_tus))
-    r.add_post(TUS_BASE, _tus_errors(s.post_tus))
-    r.add_route("HEAD", TUS_BASE + "/{id}", _tus_errors(s.head_tus))
-    r.add_patch(TUS_BASE + "/{id}", _tus_errors(s.patch_tus))
-    r.add_delete(TUS_BASE + "/{id}", _tus_errors(s.delete_tus))
-    r.add_post("/api/uploads", _tus_errors(s.post_upload))
-    r.add_get("/api/uploads", s.get_uploads)
-    r.add_get("/api/uploads/{id}", s.get_upload)
-    r.add_get("/api/files", s.get_files)
-    r.add_get("/api/files/{path:.+}", s.get_file)
-    r.add_get("/api/config/public", s.get_public_config)
-    r.add_get("/", get_page)
-    r.add_static("/static/", WEB_DIR)
-    app.cleanup_ctx.append(s.lifecycle)
-
-
-__all__ = ["NiftiImporter", "UploadLimits", "UploadService", "setup_uploads"]
+__all__ = [
+    "ROUTING_KEYS",
+    "BodyCopier",
+    "BodyRead",
+    "BodyWriter",
+    "UploadParams",
+    "UploadService",
+    "safe_filename",
+    "summary",
+]

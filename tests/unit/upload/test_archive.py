@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kp_gateway.config import UploadConfig
 from kp_gateway.errors import PayloadTooLargeError, UnsafeArchiveError
 from kp_gateway.upload.archive import (
     ArchiveLimits,
@@ -27,7 +28,7 @@ from kp_gateway.upload.archive import (
     open_member,
 )
 
-DEFAULT = ArchiveLimits()
+DEFAULT = UploadConfig()
 Entry = tuple[str | zipfile.ZipInfo, bytes]
 Builder = Callable[[Path], Path]
 
@@ -154,7 +155,7 @@ ATTACKS = [
     (
         "too_many",
         lambda p: make_zip(p, [(f"{i}.dcm", b"x") for i in range(4)]),
-        ArchiveLimits(max_members=3),
+        UploadConfig(max_members=3),
         PayloadTooLargeError,
         "4 entries, over the limit of 3",
     ),
@@ -163,14 +164,14 @@ ATTACKS = [
     (
         "total_cap",
         lambda p: make_zip(p, [("a.dcm", b"1" * 600), ("b.dcm", b"2" * 600)]),
-        ArchiveLimits(max_total_uncompressed_bytes=1000),
+        UploadConfig(max_total_uncompressed_bytes=1000),
         PayloadTooLargeError,
         "at member 'b.dcm'",
     ),
     (
         "member_cap",
         lambda p: make_zip(p, [("big.dcm", b"1" * 200)]),
-        ArchiveLimits(max_member_bytes=100),
+        UploadConfig(max_member_bytes=100),
         PayloadTooLargeError,
         "'big.dcm' is 200 bytes, over the limit of 100",
     ),
@@ -353,7 +354,7 @@ def test_extract_member_symlink_in_dest_rejected(tmp_path: Path) -> None:
     ("method", "make_chunk", "limits"),
     [
         (zipfile.ZIP_STORED, lambda: os.urandom(1 << 20), DEFAULT),
-        (zipfile.ZIP_DEFLATED, lambda: bytes(1 << 20), ArchiveLimits(max_compression_ratio=1e6)),
+        (zipfile.ZIP_DEFLATED, lambda: bytes(1 << 20), UploadConfig(max_compression_ratio=1e6)),
     ],
     ids=["stored", "deflate"],
 )
