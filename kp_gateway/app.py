@@ -28,7 +28,7 @@ from kp_gateway.http.appkeys import Health
 from kp_gateway.http.uploads import DicomEndpoint
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
-from kp_gateway.pipeline.process_pool import forget_documented_series, make_process_pool
+from kp_gateway.pipeline.process_pool import make_process_pool, worker_pid
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from kp_gateway.pipeline.series_stages import make_process_pool as make_series_pool
 from kp_gateway.pipeline.spool import Spool
@@ -182,9 +182,7 @@ def _series_stages(cfg: Config, executor: ProcessPoolExecutor | None) -> SeriesP
 async def _warm_up(pool: ProcessPoolExecutor, workers: int) -> None:
     """Start every worker process now, so the first C-STORE does not pay for imports."""
     loop = asyncio.get_running_loop()
-    await asyncio.gather(
-        *(loop.run_in_executor(pool, forget_documented_series) for _ in range(workers))
-    )
+    await asyncio.gather(*(loop.run_in_executor(pool, worker_pid) for _ in range(workers)))
 
 
 def _bound_port(runner: web.AppRunner, configured: int) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class IngestItem:
     routing: Routing
     received_at: float  # epoch seconds
     record: InstanceRecord | None = None  # filled by the store stage
-    attempts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from kp_gateway.backends.base import IndexBackend, IndexedInstance, SeriesQuery, StorageBackend
+from kp_gateway.backends.base import (
+    IndexBackend,
+    IndexedInstance,
+    SeriesQuery,
+    StorageBackend,
+    iter_series,
+)
 from kp_gateway.config import Config
 from kp_gateway.datadir import DataDir, lock_data_dir
 from kp_gateway.durable import write_atomic
@@ -493,19 +499,11 @@ class Reindexer:
         self.report.series_stages = len(todo)
 
     async def _series_lacking_results(self) -> AsyncIterator[str]:
-        offset, page = 0, 200
-        while True:
-            total, items = await self._index.query_series(
-                SeriesQuery(project=ADMIN_PROJECT, limit=page, offset=offset)
-            )
-            for item in items:
-                if item.get("complete") and not (
-                    item.get("has_thumbnail") and item.get("validation") is not None
-                ):
-                    yield str(item["series_uid"])
-            offset += len(items)
-            if not items or offset >= total:
-                return
+        async for item in iter_series(self._index, SeriesQuery(project=ADMIN_PROJECT)):
+            if item.get("complete") and not (
+                item.get("has_thumbnail") and item.get("validation") is not None
+            ):
+                yield str(item["series_uid"])
 
 
 def _clear_stale_scratch(tmp: Path) -> None:

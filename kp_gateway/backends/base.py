@@ -10,7 +10,7 @@ All methods are coroutines called on the event loop.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -153,3 +153,23 @@ class IndexBackend(Protocol):
 
     async def list_quarantine(self) -> list[dict[str, Any]]:
         """Quarantined items, newest first."""
+
+
+async def iter_series(
+    index: IndexBackend, query: SeriesQuery, *, page: int = 200, at_most: int | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Every series summary `query` matches (from its offset), fetched `page` at a time.
+
+    Stops after `at_most` summaries when given. Series written meanwhile may shift the pages
+    (a summary seen twice or not at all); callers use it for scans that tolerate that.
+    """
+    offset, seen = query.offset, 0
+    while at_most is None or seen < at_most:
+        size = page if at_most is None else min(page, at_most - seen)
+        total, items = await index.query_series(replace(query, limit=size, offset=offset))
+        for item in items:
+            yield item
+        seen += len(items)
+        offset += len(items)
+        if not items or offset >= total:
+            return

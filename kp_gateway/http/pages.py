@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kp_gateway.backends.base import SeriesQuery
+from kp_gateway.backends.base import SeriesQuery, iter_series
 from kp_gateway.errors import RejectedInputError
 from kp_gateway.http.appkeys import INDEX_KEY
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
@@ -71,19 +71,17 @@ async def get_modalities(request: web.Request) -> web.Response:
     if hit is not None and time.monotonic() - hit[0] < _MODALITY_CACHE_S:
         return web.json_response(hit[1])
     present: set[str] = set()
-    offset, total = 0, 0
-    while offset < _MODALITY_SCAN_MAX:
-        total, items = await index.query_series(
-            SeriesQuery(project=project, dataset=dataset, limit=_PAGE, offset=offset)
-        )
-        present.update(str(item["modality"]) for item in items if item.get("modality"))
-        offset += len(items)
-        if not items or offset >= total:
-            break
+    scanned = 0
+    query = SeriesQuery(project=project, dataset=dataset)
+    # One more than the cap: whether it is reached tells if the scan was partial.
+    async for item in iter_series(index, query, page=_PAGE, at_most=_MODALITY_SCAN_MAX + 1):
+        scanned += 1
+        if item.get("modality"):
+            present.add(str(item["modality"]))
     body = {
         "items": sorted(present | set(COMMON_MODALITIES)),
         "present": sorted(present),
-        "partial": offset < total,
+        "partial": scanned > _MODALITY_SCAN_MAX,
     }
     cache[key] = (time.monotonic(), body)
     return web.json_response(body)

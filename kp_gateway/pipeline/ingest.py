@@ -7,7 +7,6 @@ Runs on the event loop, except the functions documented as running on associatio
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -30,13 +29,10 @@ from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
 from kp_gateway.pipeline.completion import SeriesTracker
 from kp_gateway.pipeline.core import Pipeline, RetryPolicy, Stage, StageObserver
-from kp_gateway.pipeline.process_pool import inspect_instances
+from kp_gateway.pipeline.process_pool import RecentSeries, inspect_instances
 from kp_gateway.pipeline.spool import Spool
 
 logger = logging.getLogger(__name__)
-
-# Combinations remembered as routed; as many as the workers' document caches hold.
-ROUTED_MEMORY = 20_000
 
 
 SeriesHook = Callable[[str, dict[str, object]], Awaitable[None]]
@@ -135,9 +131,7 @@ class IngestService:
         self.tracker = SeriesTracker(idle_s=p.series_idle_s, on_complete=self._complete_series)
         self.loop: asyncio.AbstractEventLoop | None = None
         # (series, project, dataset) whose routing record this process has stored (LRU).
-        self._routed: collections.OrderedDict[tuple[str, str, str], None] = (
-            collections.OrderedDict()
-        )
+        self._routed = RecentSeries()
         metrics.bind_queue_depths(self.pipeline.queue_depths)
         metrics.in_flight.set_function(lambda: float(self.pipeline.in_flight))
 
@@ -285,9 +279,6 @@ class IngestService:
         )
         for combo in due:
             self._routed[combo] = None
-            self._routed.move_to_end(combo)
-            if len(self._routed) > ROUTED_MEMORY:
-                self._routed.popitem(last=False)
 
     def _discard_spool_files(self, paths: list[Path]) -> None:
         for path in paths:
@@ -346,10 +337,6 @@ class IngestService:
         """Run `fn` on the loop soon. Runs on any thread."""
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(fn)
-
-    def now(self) -> float:
-        """Wall-clock time for received_at stamps."""
-        return time.time()
 
 
 __all__ = ["IngestService", "Intake", "ItemHook", "Routing"]

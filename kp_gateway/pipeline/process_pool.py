@@ -127,19 +127,26 @@ def read_instance(
     )
 
 
-_DOCUMENTED_MAX = 20_000
+# (series, project, dataset) combinations remembered: a few hundred thousand instances' worth
+# of series at a few MB of memory per process.
+RECENT_SERIES_MAX = 20_000
 
 
-class _LruKeys(collections.OrderedDict[tuple[str, str, str], None]):
-    """A bounded set of recently documented series keys (insertion order = age)."""
+class RecentSeries(collections.OrderedDict[tuple[str, str, str], None]):
+    """A bounded set of recently seen (series, project, dataset) keys (order = recency).
+
+    Used by each worker process for the series it built a document for, and by the ingest
+    service for the routing records it stored.
+    """
 
     def __setitem__(self, key: tuple[str, str, str], value: None) -> None:
         super().__setitem__(key, value)
-        if len(self) > _DOCUMENTED_MAX:
+        self.move_to_end(key)
+        if len(self) > RECENT_SERIES_MAX:
             self.popitem(last=False)
 
 
-_documented = _LruKeys()
+_documented = RecentSeries()
 
 
 def inspect_instance(
@@ -176,9 +183,8 @@ def inspect_instances(
     return results
 
 
-def forget_documented_series() -> int:
-    """Clear this process's document cache (tests); returns the process id."""
-    _documented.clear()
+def worker_pid() -> int:
+    """Runs in a worker process; answers once its imports are done (start-up warm-up)."""
     return os.getpid()
 
 

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydicom import dcmread
 from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 
-from kp_gateway.backends.base import IndexBackend, SeriesQuery, StorageBackend
+from kp_gateway.backends.base import IndexBackend, SeriesQuery, StorageBackend, iter_series
 from kp_gateway.config import SeriesConfig
 from kp_gateway.errors import RejectedInputError
 from kp_gateway.kaapana.keys import (
@@ -790,17 +790,9 @@ class SeriesPostProcessor:
 
     async def _pages(self, modality: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Every series summary of the admin project (every series is mapped there)."""
-        index = self._require_index()
-        offset, page = 0, 200
-        while True:
-            total, items = await index.query_series(
-                SeriesQuery(project=ADMIN_PROJECT, modality=modality, limit=page, offset=offset)
-            )
-            for item in items:
-                yield item
-            offset += len(items)
-            if not items or offset >= total:
-                return
+        query = SeriesQuery(project=ADMIN_PROJECT, modality=modality)
+        async for item in iter_series(self._require_index(), query):
+            yield item
 
     async def _rebuild_references(self) -> list[str]:
         """Fill the reference table from the SEG/RTSTRUCT documents of the index.
