@@ -20,6 +20,7 @@ from aiohttp import web
 
 from kp_gateway import config as config_mod
 from kp_gateway.backends import make_index, make_storage
+from kp_gateway.backends.base import IndexBackend, StorageBackend
 from kp_gateway.config import Config
 from kp_gateway.datadir import DataDir, load_or_create_token, lock_data_dir
 from kp_gateway.dicom.scp import Scp
@@ -45,6 +46,10 @@ class RunningGateway:
 
     cfg: Config
     ingest: IngestService
+    storage: StorageBackend
+    index: IndexBackend
+    spool: Spool
+    metrics: Metrics
     scp: Scp
     http_port: int
     token: str
@@ -84,10 +89,17 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
     await storage.open()
     await index.open()
     ingest = IngestService(
-        cfg, storage=storage, index=index, process_pool=pool, metrics=metrics, spool=spool
+        cfg.pipeline,
+        index_cfg=cfg.index,
+        storage_backend=cfg.storage.backend,
+        storage=storage,
+        index=index,
+        process_pool=pool,
+        metrics=metrics,
+        spool=spool,
     )
     # Built before ingest starts: its hook counts recovered instances to their uploads.
-    uploads = _uploads(cfg, ingest, NiftiUploadImporter(pool))
+    uploads = _uploads(cfg, ingest, spool, storage, index, metrics, NiftiUploadImporter(pool))
     scp = Scp(cfg.dicom, ingest, metrics)
     series_stages = _series_stages(cfg, series_pool)
     if series_stages is not None:
@@ -130,7 +142,19 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             logger.info("upload page: http://%s:%d/?token=%s", host, http_port, token)
         else:
             logger.info("upload page: http://%s:%d/ (authentication off)", host, http_port)
-        yield RunningGateway(cfg, ingest, scp, http_port, token, health, series_stages)
+        yield RunningGateway(
+            cfg,
+            ingest,
+            storage,
+            index,
+            spool,
+            metrics,
+            scp,
+            http_port,
+            token,
+            health,
+            series_stages,
+        )
     finally:
         health.ready = False
         health.draining = True
@@ -150,12 +174,20 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             series_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _uploads(cfg: Config, ingest: IngestService, nifti: NiftiUploadImporter) -> UploadService:
+def _uploads(
+    cfg: Config,
+    intake: IngestService,
+    spool: Spool,
+    storage: StorageBackend,
+    index: IndexBackend,
+    metrics: Metrics,
+    nifti: NiftiUploadImporter,
+) -> UploadService:
     importer = UploadImporter(
-        intake=ingest,
-        spool=ingest.spool,
-        storage=ingest.storage,
-        metrics=ingest.metrics,
+        intake=intake,
+        spool=spool,
+        storage=storage,
+        metrics=metrics,
         limits=cfg.upload,
         admission_wait_s=cfg.upload.admission_wait_s,
         nifti_importer=nifti,
@@ -165,8 +197,8 @@ def _uploads(cfg: Config, ingest: IngestService, nifti: NiftiUploadImporter) -> 
         state_dir=DataDir.at(cfg.data_dir).uploads_state,
         fsync=cfg.storage.fsync,
         importer=importer,
-        project_exists=ingest.index.project_exists,
-        metrics=ingest.metrics,
+        project_exists=index.project_exists,
+        metrics=metrics,
         nifti_available=True,
     )
 

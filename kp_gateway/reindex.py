@@ -476,7 +476,9 @@ class Reindexer:
         )
         # Never started: it only lends its storage, index, metrics and spool to the stages.
         host = IngestService(
-            self._cfg,
+            self._cfg.pipeline,
+            index_cfg=self._cfg.index,
+            storage_backend=self._cfg.storage.backend,
             storage=self._storage,
             index=self._index,
             process_pool=self._pool,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kp_gateway.backends.base import IndexBackend, IndexedInstance, StorageBackend
-from kp_gateway.config import Config
+from kp_gateway.config import IndexConfig, PipelineConfig
 from kp_gateway.errors import (
     BackendError,
     BackendUnavailableError,
@@ -87,8 +87,10 @@ class IngestService:
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: PipelineConfig,
         *,
+        index_cfg: IndexConfig,
+        storage_backend: str,
         storage: StorageBackend,
         index: IndexBackend,
         process_pool: Executor,
@@ -96,6 +98,8 @@ class IngestService:
         spool: Spool,
     ) -> None:
         self._cfg = cfg
+        self._index_cfg = index_cfg
+        self._storage_backend = storage_backend  # the metrics' backend label
         self.storage = storage
         self.index = index
         self._pool = process_pool
@@ -103,7 +107,7 @@ class IngestService:
         self.spool = spool
         self.series_complete_hooks: list[SeriesHook] = []
         self.item_settled_hooks: list[ItemHook] = []
-        p = cfg.pipeline
+        p = cfg
         self.pipeline: Pipeline[IngestItem] = Pipeline(
             [
                 Stage(
@@ -119,7 +123,7 @@ class IngestService:
                     self._index,
                     workers=p.index_workers,
                     queue_size=p.queue_size,
-                    batch_max=cfg.index.batch_max_items,
+                    batch_max=index_cfg.batch_max_items,
                     linger_s=p.batch_linger_s,
                 ),
             ],
@@ -164,7 +168,7 @@ class IngestService:
 
     async def drain(self) -> bool:
         """Finish queued work (bounded by ``pipeline.drain_timeout_s``) and stop."""
-        finished = await self.pipeline.drain(self._cfg.pipeline.drain_timeout_s)
+        finished = await self.pipeline.drain(self._cfg.drain_timeout_s)
         if finished:
             # Give completion a chance for what just finished, without waiting the idle time.
             await self.tracker.check_once()
@@ -219,7 +223,7 @@ class IngestService:
                     str(item.spool_path),
                     item.routing.project,
                     item.routing.dataset,
-                    self._cfg.index.site_timezone,
+                    self._index_cfg.site_timezone,
                     item.received_at,
                 )
                 for item in pending
@@ -236,7 +240,7 @@ class IngestService:
                 # The pipeline splits the batch: parsed items go on, the bad one is retried
                 # alone and quarantined.
                 raise failure
-        async with _measured(self.metrics, self._cfg.storage.backend, "put"):
+        async with _measured(self.metrics, self._storage_backend, "put"):
             await self.storage.put_files(
                 [(item.record.storage_key, item.spool_path) for item in batch if item.record]
             )
@@ -249,7 +253,7 @@ class IngestService:
             records.append(IndexedInstance(item.record, item.routing, item.received_at))
         # Before the commit: the index must never know a mapping that reindex cannot rebuild.
         await self._write_routing_records(batch)
-        async with _measured(self.metrics, self._cfg.index.backend, "write"):
+        async with _measured(self.metrics, self._index_cfg.backend, "write"):
             await self.index.write_instances(records)
         # Committed: the spool copies are no longer needed.
         await asyncio.to_thread(self._discard_spool_files, [i.spool_path for i in batch])
@@ -309,7 +313,7 @@ class IngestService:
         self._run_item_hooks(item, exc)
 
     async def _complete_series(self, series_uid: str) -> None:
-        async with _measured(self.metrics, self._cfg.index.backend, "complete"):
+        async with _measured(self.metrics, self._index_cfg.backend, "complete"):
             fields = await self.index.complete_series(series_uid)
         self.metrics.series_completed.inc()
         logger.info("series %s complete", series_uid)

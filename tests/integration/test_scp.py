@@ -62,7 +62,7 @@ def _store_all(gw: RunningGateway, paths: list[Path], **kw: str) -> list[int]:
 async def _wait_indexed(gw: RunningGateway, count: int, timeout_s: float = 20) -> None:
     async with asyncio.timeout(timeout_s):
         while True:
-            datasets = await gw.ingest.index.list_datasets("admin")
+            datasets = await gw.index.list_datasets("admin")
             if sum(d["instance_count"] for d in datasets) >= count:
                 return
             await asyncio.sleep(0.05)
@@ -87,9 +87,9 @@ async def test_store_then_echo_on_loopback(
     await _wait_indexed(gw, 3)
     series_uid = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
     async with asyncio.timeout(10):
-        while not (await gw.ingest.index.get_series(series_uid) or {}).get("complete"):
+        while not (await gw.index.get_series(series_uid) or {}).get("complete"):
             await asyncio.sleep(0.05)
-    document = (await gw.ingest.index.get_series(series_uid) or {})["document"]
+    document = (await gw.index.get_series(series_uid) or {})["document"]
     assert document["00000000 IsSeriesComplete_boolean"] is True
     assert document["00000000 MinInstanceNumber_integer"] == 1
     assert document["00000000 MaxInstanceNumber_integer"] == 3
@@ -108,13 +108,13 @@ async def test_same_sop_instance_again_replaces_it(
     assert await asyncio.to_thread(_store_all, gw, [path]) == [0]
     await _wait_indexed(gw, 1)
     assert await asyncio.to_thread(_store_all, gw, [second]) == [0]
-    key = await gw.ingest.index.instance_key(str(ds.SOPInstanceUID))
+    key = await gw.index.instance_key(str(ds.SOPInstanceUID))
     assert key is not None
     stored = gw.cfg.data_dir / key
     async with asyncio.timeout(10):
         while b"second copy" not in stored.read_bytes():
             await asyncio.sleep(0.05)
-    assert len(await gw.ingest.index.list_instances(str(ds.SeriesInstanceUID))) == 1
+    assert len(await gw.index.list_instances(str(ds.SeriesInstanceUID))) == 1
 
 
 async def test_unknown_project_association_rejected(
@@ -137,13 +137,13 @@ async def test_pipeline_saturated_answers_a700_and_keeps_nothing(
     )
     gw = await make_gateway(cfg)
     release = asyncio.Event()
-    real_put = gw.ingest.storage.put_files
+    real_put = gw.storage.put_files
 
     async def stuck_put(items: Any) -> list[int]:  # fault injection: a storage that hangs
         await release.wait()
         return await real_put(items)
 
-    monkeypatch.setattr(gw.ingest.storage, "put_files", stuck_put)
+    monkeypatch.setattr(gw.storage, "put_files", stuck_put)
     paths = make_ct_series(tmp_path / "s", 5)
     statuses = await asyncio.to_thread(_store_all, gw, paths)
     assert statuses[0] == 0
@@ -167,7 +167,7 @@ async def test_slow_stage_slows_sender_and_loses_nothing(
     """Tiny queues + a slow stage: the sender is held back, queues stay bounded, all stored."""
     cfg = make_config(pipeline__queue_size=2, pipeline__store_workers=1, dicom__admission_wait_s=30)
     gw = await make_gateway(cfg)
-    real_put = gw.ingest.storage.put_files
+    real_put = gw.storage.put_files
     peak = 0
 
     async def slow_put(items: Any) -> list[int]:  # fault injection: a slow disk
@@ -176,7 +176,7 @@ async def test_slow_stage_slows_sender_and_loses_nothing(
         await asyncio.sleep(0.01 * len(items))
         return await real_put(items)
 
-    monkeypatch.setattr(gw.ingest.storage, "put_files", slow_put)
+    monkeypatch.setattr(gw.storage, "put_files", slow_put)
     first = make_ct_series(tmp_path / "a", 40)
     second = make_ct_series(tmp_path / "b", 40)
     results = await asyncio.gather(
@@ -269,7 +269,7 @@ async def test_receive_modes_store_identical_bytes(
     assert await asyncio.to_thread(_store_all, gw, [path]) == [0]
     await _wait_indexed(gw, 1)
     sop = str(pydicom.dcmread(path).SOPInstanceUID)
-    key = await gw.ingest.index.instance_key(sop)
+    key = await gw.index.instance_key(sop)
     assert key is not None
     assert dataset_bytes(gw.cfg.data_dir / key) == dataset_bytes(path)
 
@@ -317,12 +317,12 @@ async def test_received_datasets_go_into_precreated_spool_files(
         await _wait_indexed(gw, 5)
         assert reserve.created_in_place == 0  # every dataset went into a precreated file
         for path in paths:
-            key = await gw.ingest.index.instance_key(str(pydicom.dcmread(path).SOPInstanceUID))
+            key = await gw.index.instance_key(str(pydicom.dcmread(path).SOPInstanceUID))
             assert key is not None
             assert dataset_bytes(cfg.data_dir / key) == dataset_bytes(path)
-        receiving = gw.ingest.spool.receiving
+        receiving = gw.spool.receiving
         assert len(list(receiving.iterdir())) >= PRECREATED_SPOOL_FILES
-        assert list(gw.ingest.spool.tmp.iterdir()) == []
+        assert list(gw.spool.tmp.iterdir()) == []
     assert list(receiving.iterdir()) == []
 
 
@@ -337,7 +337,7 @@ async def test_association_aborted_mid_dataset_leaves_no_spool_file(
 ) -> None:
     """A peer that aborts while its data set is arriving leaves nothing in the spool."""
     gw = await make_gateway(make_config())
-    receiving = gw.ingest.spool.receiving
+    receiving = gw.spool.receiving
     path = make_ct_series(tmp_path / "s", 1, rows=2048)[0]  # 8 MiB: several PDUs
     dataset = pydicom.dcmread(path)
     assoc = await asyncio.to_thread(_associate, gw)
@@ -371,8 +371,8 @@ async def test_association_aborted_mid_dataset_leaves_no_spool_file(
     async with asyncio.timeout(10):
         while gw.scp.ae.active_associations or partial_files():
             await asyncio.sleep(0.05)
-    assert not any(gw.ingest.spool.incoming.rglob("*.dcm"))
-    assert await gw.ingest.index.instance_key(str(dataset.SOPInstanceUID)) is None
+    assert not any(gw.spool.incoming.rglob("*.dcm"))
+    assert await gw.index.instance_key(str(dataset.SOPInstanceUID)) is None
 
 
 async def test_spool_write_failure_answers_a700_and_keeps_nothing(
@@ -394,8 +394,8 @@ async def test_spool_write_failure_answers_a700_and_keeps_nothing(
     reserve.take = full_disk_file  # type: ignore[method-assign]
     paths = make_ct_series(tmp_path / "s", 2, rows=64)
     assert await asyncio.to_thread(_store_all, gw, paths) == [0xA700, 0xA700]
-    assert not any(gw.ingest.spool.incoming.rglob("*.dcm"))
-    assert await gw.ingest.index.list_datasets("admin") == []
+    assert not any(gw.spool.incoming.rglob("*.dcm"))
+    assert await gw.index.list_datasets("admin") == []
 
 
 async def test_dataset_spooled_by_pynetdicom_itself_is_committed_too(
@@ -415,6 +415,6 @@ async def test_dataset_spooled_by_pynetdicom_itself_is_committed_too(
     reserve = gw.scp.precreated_files
     assert reserve is not None and reserve.created_in_place == 0
     for path in paths:
-        key = await gw.ingest.index.instance_key(str(pydicom.dcmread(path).SOPInstanceUID))
+        key = await gw.index.instance_key(str(pydicom.dcmread(path).SOPInstanceUID))
         assert key is not None
         assert dataset_bytes(gw.cfg.data_dir / key) == dataset_bytes(path)

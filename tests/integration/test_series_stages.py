@@ -461,7 +461,7 @@ async def test_series_stages_dedup_and_debounce(harness: Harness, tmp_path: Path
     await wait_for(
         lambda: asyncio.sleep(0, harness.processor.idle), what="processor idle", timeout_s=30
     )
-    registry = harness.gw.ingest.metrics.registry
+    registry = harness.gw.metrics.registry
 
     def runs() -> float:
         value = registry.get_sample_value(
