@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -105,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reindex":
         from kp_gateway import reindex
 
+        os.umask(0o077)  # what it writes is as private as what serve writes (app.running)
         try:
             return reindex.main(
                 cfg, restart=args.restart, series_stages=not args.skip_series_stages

@@ -26,6 +26,7 @@ from kp_gateway.datadir import DataDir, load_or_create_token, lock_data_dir
 from kp_gateway.dicom.scp import Scp
 from kp_gateway.http.app import make_app
 from kp_gateway.http.appkeys import Health
+from kp_gateway.http.security import RedactingAccessLogger
 from kp_gateway.http.uploads import DicomEndpoint
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.ingest import IngestService
@@ -66,13 +67,18 @@ async def running(cfg: Config) -> AsyncIterator[RunningGateway]:
     """Lock the data directory, start every component, yield, then stop them in order.
 
     Runs on the loop. Raises DataDirLockedError when another process holds the data directory.
+    Files and folders are created private (umask 077: 0600/0700), as the DICOM files always
+    were: the index, thumbnails, reports and uploads hold patient data too. Worker processes
+    inherit the mask.
     """
+    previous_umask = os.umask(0o077)
     lock = await asyncio.to_thread(lock_data_dir, cfg.data_dir)
     try:
         async with _running(cfg) as gateway:
             yield gateway
     finally:
         lock.close()
+        os.umask(previous_umask)
 
 
 @contextlib.asynccontextmanager
@@ -127,7 +133,11 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             uploads=uploads,
             series_stages=series_stages,
         )
-        runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access"))
+        runner = web.AppRunner(
+            app,
+            access_log=logging.getLogger("aiohttp.access"),
+            access_log_class=RedactingAccessLogger,
+        )
         await runner.setup()
         site = web.TCPSite(runner, cfg.http.host, cfg.http.port)
         await site.start()
@@ -136,12 +146,22 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
         host = cfg.http.public_host or (
             "localhost" if cfg.http.host == "0.0.0.0" else cfg.http.host
         )
-        if cfg.http.auth:
-            where = "generated and stored in the data directory" if generated else "in use"
-            logger.info("API token %s: %s", where, token)
-            logger.info("upload page: http://%s:%d/?token=%s", host, http_port, token)
-        else:
+        # Never the token itself: logs are shipped and kept (docker logs, journald).
+        if not cfg.http.auth:
             logger.info("upload page: http://%s:%d/ (authentication off)", host, http_port)
+        elif cfg.http.token:
+            logger.info("API token: from the configuration (KP_GATEWAY_HTTP_TOKEN)")
+        else:
+            token_file = DataDir.at(cfg.data_dir).token_file
+            verb = "generated into" if generated else "read from"
+            logger.info("API token %s %s (mode 0600)", verb, token_file)
+        if cfg.http.auth:
+            logger.info(
+                "upload page: http://%s:%d/ (log in with the API token, or open it with "
+                "?token=<token>)",
+                host,
+                http_port,
+            )
         yield RunningGateway(
             cfg,
             ingest,

@@ -25,7 +25,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 # Kaapana's project-name rule, shortened so that "kp-" + name fits a 16-character AE title.
-PROJECT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,12}$")
+# Use with fullmatch: `$` would accept a trailing newline ("a\n").
+PROJECT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,12}")
 
 
 def _ck(default: Any, doc: str, **constraints: Any) -> Any:
@@ -393,7 +394,7 @@ def load(
 
 
 def _validate_cross_fields(cfg: Config) -> None:
-    if not PROJECT_NAME_RE.match(cfg.dicom.default_project):
+    if not PROJECT_NAME_RE.fullmatch(cfg.dicom.default_project):
         raise ConfigError(
             f"Config 'dicom.default_project' has value {cfg.dicom.default_project!r}: "
             "project names are [a-z0-9][a-z0-9-]{0,12}."

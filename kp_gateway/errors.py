@@ -99,6 +99,24 @@ class UploadFailedError(RejectedInputError):
     code = "gone"
 
 
+class ForbiddenRequestError(RejectedInputError):
+    """The request is refused whatever its credentials (403)."""
+
+    code = "forbidden"
+
+
+class CrossOriginError(ForbiddenRequestError):
+    """A browser request from another origin tried to change state with our cookie."""
+
+    code = "cross_origin"
+
+
+class HostNotAllowedError(ForbiddenRequestError):
+    """The Host header names no host this gateway serves (DNS rebinding)."""
+
+    code = "host_not_allowed"
+
+
 class FeatureUnavailableError(GatewayError):
     """The request needs a component this gateway was started without."""
 
@@ -154,6 +172,7 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (UnknownUploadError, 404),
     (UploadConflictError, 409),
     (UploadFailedError, 410),
+    (ForbiddenRequestError, 403),
     (FeatureUnavailableError, 501),
     (UnsafeArchiveError, 400),
     (InvalidDicomError, 400),

@@ -11,12 +11,13 @@ from kp_gateway.errors import InvalidDicomError
 
 # PS3.5 9.1 allows digits and dots only. Leading zeros in a component are tolerated: real
 # modalities send them, and they cannot make a path unsafe.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def is_valid_uid(uid: str) -> bool:
     """Return True when `uid` is digits and dots, at most 64 characters (PS3.5 9.1)."""
-    return 0 < len(uid) <= 64 and _UID_RE.match(uid) is not None
+    # fullmatch: `$` would let a trailing newline through.
+    return 0 < len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
 
 
 def storage_key(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> str:

@@ -291,7 +291,7 @@ class Scp:
         calling = str(primitive.calling_ae_title).strip()
         project = parse_called_ae(called, self._cfg.default_project, self._cfg.ae_title)
         try:
-            known = PROJECT_NAME_RE.match(project) is not None and self._project_exists(project)
+            known = PROJECT_NAME_RE.fullmatch(project) is not None and self._project_exists(project)
         except Exception:
             logger.exception("project lookup failed; rejecting transiently")
             self._reject(

@@ -14,7 +14,12 @@ from aiohttp import web
 
 from kp_gateway.backends.base import SeriesQuery
 from kp_gateway.config import PROJECT_NAME_RE
-from kp_gateway.errors import BackendRejectedError, RejectedInputError, UnknownProjectError
+from kp_gateway.errors import (
+    BackendRejectedError,
+    RejectedInputError,
+    UnknownProjectError,
+    UnsupportedMediaError,
+)
 from kp_gateway.http.appkeys import INDEX_KEY, PROTECTED_PROJECTS_KEY, STORAGE_KEY
 from kp_gateway.http.responses import json_error, stream_object
 from kp_gateway.kaapana.keys import (
@@ -22,6 +27,7 @@ from kp_gateway.kaapana.keys import (
     KEY_THUMBNAIL_ERROR,
     KEY_VALIDATION,
 )
+from kp_gateway.uids import is_valid_uid
 
 MAX_PAGE = 500
 
@@ -42,6 +48,12 @@ async def get_projects(request: web.Request) -> web.Response:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    # A browser form may send text/plain or urlencoded bodies to any site without asking
+    # first; a JSON content type it may not (CORS preflight).
+    if request.content_type != "application/json":
+        raise UnsupportedMediaError(
+            f"send the body as Content-Type: application/json, not {request.content_type!r}"
+        )
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -55,7 +67,7 @@ async def post_project(request: web.Request) -> web.Response:
     """Create a project ``{"name", "description"?}``."""
     body = await _json_body(request)
     name = body.get("name")
-    if not isinstance(name, str) or not PROJECT_NAME_RE.match(name):
+    if not isinstance(name, str) or not PROJECT_NAME_RE.fullmatch(name):
         raise RejectedInputError(
             "name must match [a-z0-9][a-z0-9-]{0,12}: 'kp-' plus the name must fit the "
             "16-character AE title"
@@ -134,9 +146,17 @@ async def get_series_list(request: web.Request) -> web.Response:
     return web.json_response({"total": total, "items": items})
 
 
+def _uid(request: web.Request, name: str) -> str:
+    """The UID in the path; anything but digits and dots names nothing here (404)."""
+    uid = request.match_info[name]
+    if not is_valid_uid(uid):
+        raise web.HTTPNotFound(text=f"no such UID {uid[:80]!r}")
+    return uid
+
+
 async def get_series(request: web.Request) -> web.Response:
     """The series' document, projects, datasets, counts, completion and links."""
-    uid = request.match_info["series_uid"]
+    uid = _uid(request, "series_uid")
     series = await request.app[INDEX_KEY].get_series(uid)
     if series is None:
         return json_error(404, "not_found", f"no series {uid}")
@@ -151,7 +171,7 @@ async def get_series(request: web.Request) -> web.Response:
 
 async def get_series_instances(request: web.Request) -> web.Response:
     """SOPInstanceUIDs of a series with sizes."""
-    uid = request.match_info["series_uid"]
+    uid = _uid(request, "series_uid")
     instances = await request.app[INDEX_KEY].list_instances(uid)
     if not instances:
         return json_error(404, "not_found", f"no series {uid}")
@@ -171,7 +191,7 @@ async def _stream_object(
 
 async def get_instance(request: web.Request) -> web.StreamResponse:
     """The stored bytes of one instance, ``application/dicom``."""
-    sop = request.match_info["sop_uid"]
+    sop = _uid(request, "sop_uid")
     key = await request.app[INDEX_KEY].instance_key(sop)
     if key is None:
         return json_error(404, "not_found", f"no instance {sop}")
@@ -180,13 +200,13 @@ async def get_instance(request: web.Request) -> web.StreamResponse:
 
 async def get_thumbnail(request: web.Request) -> web.StreamResponse:
     """The series thumbnail PNG, once rendered."""
-    uid = request.match_info["series_uid"]
+    uid = _uid(request, "series_uid")
     return await _stream_object(request, f"thumbnails/{uid}.png", "image/png")
 
 
 async def get_validation_report(request: web.Request) -> web.StreamResponse:
     """The series validation report (HTML), once written."""
-    uid = request.match_info["series_uid"]
+    uid = _uid(request, "series_uid")
     return await _stream_object(request, f"validation/{uid}.html", "text/html; charset=utf-8")
 
 

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from yarl import URL
 
 from kp_gateway.backends.base import IndexBackend, StorageBackend
 from kp_gateway.config import HttpConfig
@@ -46,6 +47,13 @@ from kp_gateway.http.appkeys import (
 from kp_gateway.http.health import get_live, get_metrics, get_ready
 from kp_gateway.http.pages import setup_gallery
 from kp_gateway.http.responses import json_error
+from kp_gateway.http.security import (
+    LOOPBACK_HOSTS,
+    add_security_headers,
+    check_host,
+    check_same_origin,
+    safe_redirect_target,
+)
 from kp_gateway.http.uploads import TUS_BASE, TUS_VERSION, DicomEndpoint, setup_uploads
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.metrics import Metrics
@@ -56,6 +64,15 @@ from kp_gateway.upload.service import UploadService
 logger = logging.getLogger(__name__)
 
 SESSION_COOKIE = "kp_gateway_session"
+ALLOWED_HOSTS_KEY = web.AppKey("allowed_hosts", frozenset)
+
+
+def allowed_hosts(cfg: HttpConfig) -> frozenset[str]:
+    """Host names served when authentication is off: loopback, the bind address, the public
+    host name."""
+    names = set(LOOPBACK_HOSTS)
+    names.update(h.lower() for h in (cfg.host, cfg.public_host) if h and h not in ("0.0.0.0", "::"))
+    return frozenset(names)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -92,19 +109,27 @@ def _is_public(path: str) -> bool:
     return path.startswith(("/health/", "/static/")) or path == "/metrics"
 
 
+def _tokens_equal(offered: str, token: str) -> bool:
+    # Bytes: compare_digest refuses str with non-ASCII characters (a 500 before).
+    return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token.encode())
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token, session cookie, or ``?token=``.
+    """Bearer token, session cookie, or ``?token=``; the Host check when auth is off.
 
     On pages, ``?token=`` is traded once for the session cookie (a redirect, as Jupyter does);
     on ``/api/`` routes it answers the request itself, since a script wants the data, not a
-    redirect and a cookie.
+    redirect and a cookie. A write authenticated by the cookie must come from this origin
+    (:func:`~kp_gateway.http.security.check_same_origin`), and so must the login form.
     """
-    if (
-        not request.app[HTTP_CONFIG_KEY].auth
-        or _is_public(request.path)
-        or request.path == "/login"
-    ):
+    if not request.app[HTTP_CONFIG_KEY].auth:
+        check_host(request, request.app[ALLOWED_HOSTS_KEY])
+        return await handler(request)
+    if _is_public(request.path):
+        return await handler(request)
+    if request.path == "/login":
+        check_same_origin(request)
         return await handler(request)
     token = request.app[TOKEN_KEY]
     offered = ""
@@ -113,10 +138,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         offered = header[7:].strip()
     elif SESSION_COOKIE in request.cookies:
         offered = request.cookies[SESSION_COOKIE]
+        check_same_origin(request)
     elif "token" in request.query:
         offered = request.query["token"]
         if (
-            hmac.compare_digest(offered, token)
+            _tokens_equal(offered, token)
             and request.method == "GET"
             and not request.path.startswith("/api/")
         ):
@@ -125,13 +151,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             response = web.HTTPFound(request.rel_url.with_query(query))
             response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict")
             raise response
-    if offered and hmac.compare_digest(offered, token):
+    if offered and _tokens_equal(offered, token):
         return await handler(request)
     if request.path.startswith("/api/"):
         return json_error(
             401, "unauthorized", "missing or wrong token", **{"WWW-Authenticate": "Bearer"}
         )
-    raise web.HTTPFound(f"/login?next={request.rel_url}")
+    raise web.HTTPFound(URL("/login").with_query(next=str(request.rel_url)))
 
 
 async def get_login(request: web.Request) -> web.Response:
@@ -140,10 +166,11 @@ async def get_login(request: web.Request) -> web.Response:
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<title>kp-gateway login</title><link rel='stylesheet' href='/static/style.css'>"
-        "<style>main{max-width:28rem}input{width:100%;box-sizing:border-box;padding:.5rem;"
-        "margin:.5rem 0}</style></head><body>"
-        "<header class='top'><h1>kp-gateway</h1></header><main><section class='card'>"
-        "<h2>Log in</h2><p>Paste the token printed in the gateway's start-up log.</p>"
+        "</head><body>"
+        "<header class='top'><h1>kp-gateway</h1></header><main class='login'>"
+        "<section class='card'><h2>Log in</h2><p>Paste the API token: the file "
+        "<code>token</code> in the gateway's data directory, or the value of "
+        "<code>KP_GATEWAY_HTTP_TOKEN</code>.</p>"
         "<form method='post'><input type='password' name='token' autofocus "
         "aria-label='API token'><input type='submit' value='Log in'></form>"
         "</section></main></body></html>"
@@ -155,12 +182,9 @@ async def post_login(request: web.Request) -> web.Response:
     """Check the posted token and set the session cookie."""
     form = await request.post()
     offered = str(form.get("token", ""))
-    if not hmac.compare_digest(offered, request.app[TOKEN_KEY]):
+    if not _tokens_equal(offered, request.app[TOKEN_KEY]):
         return json_error(401, "unauthorized", "wrong token")
-    target = request.query.get("next", "/")
-    if not target.startswith("/") or target.startswith("//"):
-        target = "/"
-    response = web.HTTPFound(target)
+    response = web.HTTPFound(safe_redirect_target(request.query.get("next", "/")))
     response.set_cookie(SESSION_COOKIE, offered, httponly=True, samesite="Strict")
     raise response
 
@@ -185,7 +209,9 @@ def make_app(
     ``admin`` among the projects the API refuses to delete.
     """
     app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app.on_response_prepare.append(add_security_headers)
     app[HTTP_CONFIG_KEY] = cfg
+    app[ALLOWED_HOSTS_KEY] = allowed_hosts(cfg)
     app[INDEX_KEY] = index
     app[STORAGE_KEY] = storage
     app[PIPELINE_KEY] = pipeline

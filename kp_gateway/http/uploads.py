@@ -272,7 +272,8 @@ async def delete_tus(request: web.Request) -> web.Response:
 
 def _int_header(request: web.Request, name: str) -> int:
     raw = request.headers.get(name, "")
-    if not raw.isdigit():
+    # isascii: str.isdigit() accepts "²" and other digits int() refuses.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20):
         raise RejectedInputError(f"header {name} must be a non-negative integer, got {raw!r}")
     return int(raw)
 

@@ -304,8 +304,11 @@ class IngestService:
         self.metrics.stage_items.labels(stage=stage, outcome="fail").inc()
         target = await asyncio.to_thread(self.spool.quarantine_file, stage, item.spool_path)
         reason = f"{type(exc).__name__}: {exc}"
+        # Relative to the data directory: the API shows it, and server paths are nobody's
+        # business (quarantine/<stage>/<file>).
+        where = str(target.relative_to(self.spool.quarantine.parent)) if target else ""
         try:
-            await self.index.record_quarantine(stage, str(target or item.spool_path), reason)
+            await self.index.record_quarantine(stage, where or item.spool_path.name, reason)
         except BackendUnavailableError:
             logger.exception("could not record quarantined item %s", target)
         series = item.record.series_instance_uid if item.record else None

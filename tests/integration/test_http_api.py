@@ -79,12 +79,17 @@ async def test_projects_create_validate_delete(
             assert r.status == 201
         async with http.post("/api/projects", json={"name": "lung-ct"}) as r:
             assert r.status == 409
-        for bad in ({"name": "Has_Upper"}, {"name": "a" * 14}, {"name": 5}, ["x"]):
+        for bad in ({"name": "Has_Upper"}, {"name": "a" * 14}, {"name": "a\n"}, {"name": 5}, ["x"]):
             async with http.post("/api/projects", json=bad) as r:
                 assert r.status == 400, bad
                 assert set(await r.json()) == {"error", "detail"}
-        async with http.post("/api/projects", data=b"{not json") as r:
+        json_type = {"Content-Type": "application/json"}
+        async with http.post("/api/projects", data=b"{not json", headers=json_type) as r:
             assert r.status == 400
+        # A body a browser form could send cross-site without a preflight is refused.
+        async with http.post("/api/projects", data=b'{"name": "x"}') as r:
+            assert r.status == 415
+            assert (await r.json())["error"] == "unsupported_media"
         async with http.get("/api/projects") as r:
             names = [p["name"] for p in (await r.json())["items"]]
             assert names == ["admin", "lung-ct"]
