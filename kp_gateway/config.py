@@ -190,7 +190,13 @@ class UploadConfig:
         20.0, "How long an import waits for pipeline space before retrying.", min=0.0
     )
     tus_expiry_s: float = _ck(
-        7 * 24 * 3600.0, "Unfinished resumable uploads are removed after this.", min=60.0
+        7 * 24 * 3600.0, "Unfinished resumable uploads idle this long are removed.", min=1.0
+    )
+    tus_max_unfinished: int = _ck(
+        64, "Unfinished resumable uploads kept at once; more are refused (429).", min=1
+    )
+    tus_max_unfinished_bytes: int = _ck(
+        256 * GiB, "Total declared size of unfinished resumable uploads (429 beyond).", min=1
     )
     max_members: int = _ck(100_000, "Most members in one zip.", min=1)
     max_total_uncompressed_bytes: int = _ck(64 * GiB, "Most bytes one zip may expand to.", min=1)

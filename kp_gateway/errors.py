@@ -99,6 +99,12 @@ class UploadFailedError(RejectedInputError):
     code = "gone"
 
 
+class UploadQuotaError(RejectedInputError):
+    """Unfinished resumable uploads already hold their quota (number or declared bytes)."""
+
+    code = "too_many_unfinished_uploads"
+
+
 class ForbiddenRequestError(RejectedInputError):
     """The request is refused whatever its credentials (403)."""
 
@@ -172,6 +178,7 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (UnknownUploadError, 404),
     (UploadConflictError, 409),
     (UploadFailedError, 410),
+    (UploadQuotaError, 429),
     (ForbiddenRequestError, 403),
     (FeatureUnavailableError, 501),
     (UnsafeArchiveError, 400),

@@ -10,7 +10,6 @@ the pipeline) lives in :mod:`kp_gateway.upload.importer`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import re
@@ -34,6 +33,7 @@ from kp_gateway.errors import (
     UploadConflictError,
     UploadFailedError,
     UploadOffsetError,
+    UploadQuotaError,
 )
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.metrics import Metrics
@@ -52,6 +52,7 @@ _WRITE_CHUNK_BYTES = 1 << 20  # received bytes are buffered up to this per write
 _TUS_IDLE_FLUSH_S = 0.2  # a paused PATCH writes its buffer, so HEAD reports every byte
 _TUS_LOCK_WAIT_S = 10.0  # a second PATCH of one upload waits this long for the first
 _SAVE_INTERVAL_S = 0.5  # how stale a status document may get while importing
+_EXPIRY_SWEEP_MAX_S = 60.0  # how often unfinished tus uploads are checked for expiry, at most
 
 # Reads a chunk of at most n bytes of the body; b"" at its end. A body cut off raises
 # ConnectionError (the HTTP layer translates its own read errors into one).
@@ -206,7 +207,7 @@ class UploadService:
         self._tus_locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(cfg.max_concurrent_imports)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._flusher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._closing = False
         importer.on_change = self._changed
 
@@ -224,7 +225,8 @@ class UploadService:
                 logger.info("resuming the import of upload %s", upload.id)
                 await self._save(upload)
                 self._spawn_import(upload)
-        self._flusher = asyncio.create_task(self._flush_loop(), name="upload-status-flusher")
+        for loop, name in ((self._flush_loop, "flusher"), (self._expiry_loop, "tus-expiry")):
+            self._background.add(asyncio.create_task(loop(), name=f"upload-{name}"))
 
     async def _recover_receiving(self, upload: Upload) -> None:
         body, part = self._body(upload.id), self._part(upload.id)
@@ -257,10 +259,10 @@ class UploadService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
         await self._flush_dirty()
 
     # -- records --------------------------------------------------------------------------
@@ -298,6 +300,48 @@ class UploadService:
                 await self._flush_dirty()
             except OSError:
                 logger.exception("writing upload status failed; will retry")
+
+    async def _expiry_loop(self) -> None:
+        """Fail unfinished tus uploads idle past ``tus_expiry_s`` and free their bytes, while
+        running (not only at the next start)."""
+        interval = min(self.cfg.tus_expiry_s / 4, _EXPIRY_SWEEP_MAX_S)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.expire_unfinished()
+            except OSError:
+                logger.exception("removing expired uploads failed; will retry")
+
+    async def expire_unfinished(self) -> int:
+        """Fail and trim every unfinished tus upload idle past ``tus_expiry_s``; their count.
+
+        An upload whose PATCH is running right now is not idle, whatever its record says.
+        """
+        cutoff = time.time() - self.cfg.tus_expiry_s
+        expired = [
+            upload
+            for upload in self._unfinished_tus()
+            if upload.updated_at < cutoff and not self._patch_running(upload.id)
+        ]
+        for upload in expired:
+            await asyncio.to_thread(remove_paths, self._part(upload.id))
+            self._tus_locks.pop(upload.id, None)
+            self._finish(
+                upload,
+                FAILED,
+                f"the upload expired: no data for {self.cfg.tus_expiry_s:g} s after "
+                f"{upload.bytes_received} of {upload.bytes_expected} bytes; upload it again",
+            )
+            await self._save(upload)
+            logger.info("tus upload %s expired", upload.id)
+        return len(expired)
+
+    def _patch_running(self, upload_id: str) -> bool:
+        lock = self._tus_locks.get(upload_id)
+        return lock is not None and lock.locked()
+
+    def _unfinished_tus(self) -> list[Upload]:
+        return [u for u in self.records.values() if u.protocol == "tus" and u.state == RECEIVING]
 
     async def _discard(self, upload: Upload) -> None:
         """Forget a rejected or terminated upload entirely: record, body, partial body."""
@@ -497,6 +541,18 @@ class UploadService:
             raise PayloadTooLargeError(
                 f"Upload-Length {length} exceeds the limit of {self.cfg.max_upload_bytes}"
             )
+        unfinished = self._unfinished_tus()
+        if len(unfinished) >= self.cfg.tus_max_unfinished:
+            raise UploadQuotaError(
+                f"{len(unfinished)} resumable uploads are unfinished (the limit is "
+                f"{self.cfg.tus_max_unfinished}); finish or delete one, or wait until they expire"
+            )
+        declared = sum(u.bytes_expected or 0 for u in unfinished)
+        if declared + length > self.cfg.tus_max_unfinished_bytes:
+            raise UploadQuotaError(
+                f"unfinished resumable uploads already declare {declared} bytes; {length} more "
+                f"would pass the limit of {self.cfg.tus_max_unfinished_bytes}"
+            )
         upload = self._new_upload(params, "tus", length)
         try:
             await asyncio.to_thread(self._part(upload.id).touch)
@@ -528,6 +584,8 @@ class UploadService:
         except TimeoutError:
             raise UploadConflictError("another PATCH of this upload is in progress") from None
         try:
+            if upload.state == FAILED:
+                raise UploadFailedError(f"the upload failed: {upload.detail}")
             if upload.state != RECEIVING or offset != upload.bytes_received:
                 raise UploadOffsetError(
                     f"Upload-Offset is {offset}, the upload is at {upload.bytes_received}",
