@@ -347,12 +347,6 @@ def _bytes_reader(data: bytes) -> Reader:
     return lambda offset, count: bytes(view[offset : offset + count])
 
 
-def _explicit_vr_at(read: Reader, offset: int) -> bool | None:
-    """Whether the element at `offset` has an explicit VR; None when nothing is there."""
-    head = read(offset, 6)
-    return None if len(head) < 6 else head[4:6] in _VRS
-
-
 def check_instance(
     read: Reader, size: int, dataset_start: int, transfer_syntax: str
 ) -> InstanceUids:
@@ -390,10 +384,9 @@ def check_instance(
         raise InvalidDicomError("the dataset is empty")
     # A dataset encoded otherwise than its transfer syntax says is read as it is encoded, as
     # pydicom (the store stage) reads it.
-    explicit = _explicit_vr_at(read, dataset_start)
-    if explicit is not None and little:
-        implicit = not explicit
     walk = _Walk(read, size)
+    if little:
+        implicit = walk.bytes_at(dataset_start, 8)[4:6] not in _VRS
     walk.dataset(dataset_start, size, implicit, little, 0)
     uids = InstanceUids(*(_text(walk.values.get(tag)) for tag in _UID_TAGS))
     for name, uid in zip(_UID_TAGS.values(), uids, strict=True):
