@@ -348,7 +348,11 @@ def _bytes_reader(data: bytes) -> Reader:
 
 
 def check_instance(
-    read: Reader, size: int, dataset_start: int, transfer_syntax: str
+    read: Reader,
+    size: int,
+    dataset_start: int,
+    transfer_syntax: str,
+    sop_class_if_absent: str = "",
 ) -> InstanceUids:
     """Refuse a dataset that is not a whole, identifiable instance; return its UIDs.
 
@@ -389,6 +393,9 @@ def check_instance(
         implicit = walk.bytes_at(dataset_start, 8)[4:6] not in _VRS
     walk.dataset(dataset_start, size, implicit, little, 0)
     uids = InstanceUids(*(_text(walk.values.get(tag)) for tag in _UID_TAGS))
+    if 0x00080016 not in walk.values and sop_class_if_absent:
+        # The store stage reads a missing SOP Class UID from the file meta (the request's).
+        uids = uids._replace(sop_class_uid=sop_class_if_absent)
     for name, uid in zip(_UID_TAGS.values(), uids, strict=True):
         if not is_valid_uid(uid):
             raise InvalidDicomError(f"{name} {uid[:80]!r} is missing or not a valid UID")

@@ -530,7 +530,9 @@ def _check_received(
     DatasetMismatchError
         The dataset's SOP Class or Instance UID is not the request's (PS3.4 B.2.3, 0xA900).
     """
-    uids = check_instance(read, size, dataset_start, requested.transfer_syntax)
+    uids = check_instance(
+        read, size, dataset_start, requested.transfer_syntax, requested.sop_class_uid
+    )
     if uids.sop_instance_uid != requested.sop_instance_uid:
         raise DatasetMismatchError(
             f"the dataset's SOPInstanceUID {uids.sop_instance_uid} is not the request's "
