@@ -6,7 +6,8 @@
     ├── ConfigError(GatewayError, ValueError)   start-up only; names the dotted key; exit code 2
     ├── DataDirLockedError                      another serve or reindex holds storage.path; exit 2
     ├── RejectedInputError                      the sender's fault; never retried
-    │   ├── InvalidDicomError                   undecodable, no SOP UIDs, bad file meta
+    │   ├── InvalidDicomError                   undecodable, no SOP UIDs, bad file meta, cut off
+    │   │   └── DatasetMismatchError            C-STORE dataset UIDs differ from the request's
     │   ├── UnknownProjectError                 called AE / ?project= names no project
     │   ├── UnsafeArchiveError                  traversal, symlink, encrypted, corrupt zip
     │   ├── PayloadTooLargeError                upload or extracted size over a cap
@@ -49,6 +50,10 @@ class RejectedInputError(GatewayError):
 
 class InvalidDicomError(RejectedInputError):
     """The bytes are not a decodable DICOM instance with the UIDs we need."""
+
+
+class DatasetMismatchError(InvalidDicomError):
+    """A C-STORE's dataset names another SOP Class or Instance UID than its request."""
 
 
 class UnknownProjectError(RejectedInputError):
@@ -157,9 +162,13 @@ class ObjectNotFoundError(BackendRejectedError):
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210  # what pynetdicom's own apps answer for "unable to decode"
+# "Data Set does not match SOP Class": what DCMTK's storescp answers when the dataset's SOP
+# Class or Instance UID differs from the request's.
+STATUS_DATASET_MISMATCH = 0xA900
 STATUS_PROCESSING_FAILURE = 0xC000
 
 _DIMSE_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (DatasetMismatchError, STATUS_DATASET_MISMATCH),
     (InvalidDicomError, STATUS_CANNOT_UNDERSTAND),
     (PipelineFull, STATUS_OUT_OF_RESOURCES),
     (ShuttingDownError, STATUS_OUT_OF_RESOURCES),

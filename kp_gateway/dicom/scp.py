@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from pynetdicom import (
     AE,
@@ -42,7 +42,11 @@ from kp_gateway.dicom.fastpath import (
     use_precreated_files,
 )
 from kp_gateway.dicom.part10 import (
+    InstanceUids,
+    Reader,
+    check_instance,
     dataset_head_from_file,
+    fd_reader,
     plausible_dataset_start,
     received_dataset_head,
 )
@@ -51,6 +55,7 @@ from kp_gateway.errors import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     BackendUnavailableError,
+    DatasetMismatchError,
     InvalidDicomError,
     PipelineFull,
     dimse_status_for,
@@ -389,8 +394,11 @@ class Scp:
 
         Runs on an association thread. Returns 0x0000 once the file and its folder are
         fsynced and admitted; 0xA700 when storage is full or the pipeline stays saturated
-        past ``dicom.admission_wait_s``; 0xC210 when the bytes are not a dataset. Never
-        raises: pynetdicom would answer 0xC211 for us.
+        past ``dicom.admission_wait_s``; 0xC210 when the bytes are not a whole instance the
+        store stage would keep (:func:`~kp_gateway.dicom.part10.check_instance`: invalid or
+        missing UIDs, cut off); 0xA900 when the dataset's SOP Class or Instance UID is not
+        the request's. Nothing refused is kept. Never raises: pynetdicom would answer 0xC211
+        for us.
         """
         spooled: Path | None = None
         try:
@@ -404,10 +412,14 @@ class Scp:
             sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
             if not is_valid_uid(sop_instance_uid):
                 raise InvalidDicomError(f"AffectedSOPInstanceUID {sop_instance_uid!r} is invalid")
-            transfer_syntax = str(event.context.transfer_syntax)
+            requested = _RequestedInstance(
+                str(request.AffectedSOPClassUID or ""),
+                sop_instance_uid,
+                str(event.context.transfer_syntax),
+            )
             if state.folder is None:
                 state.folder = self._ingest.spool.open_source(state.routing)
-            spooled, size = self._spool(event, state.folder, transfer_syntax)
+            spooled, size = self._spool(event, state.folder, requested)
             item = IngestItem(spooled, state.routing, time.time())
             self._ingest.submit_from_thread(item, self._cfg.admission_wait_s)
             self._received_bytes.inc(size)
@@ -427,23 +439,32 @@ class Scp:
             self._metrics.cstore_total.labels(status=f"0x{status:04X}").inc()
             return status
 
-    def _spool(self, event: evt.Event, folder: Path, transfer_syntax: str) -> tuple[Path, int]:
+    def _spool(
+        self, event: evt.Event, folder: Path, requested: _RequestedInstance
+    ) -> tuple[Path, int]:
         spool = self._ingest.spool
         if self._cfg.receive_mode == "chunked":
             received = cast(Any, event.request)._dataset_file
             if isinstance(received, SpoolFile):
-                return self._commit_spool_file(received, folder, transfer_syntax)
-            return self._commit_received_path(Path(event.dataset_path), folder, transfer_syntax)
+                return self._commit_spool_file(received, folder, requested)
+            return self._commit_received_path(Path(event.dataset_path), folder, requested)
         data = event.encoded_dataset(include_meta=True)
         dataset_length = len(cast(Any, event.request).DataSet.getbuffer())
         meta_end = len(data) - dataset_length
         head = bytes(data[meta_end : meta_end + 16])
-        if not plausible_dataset_start(head, transfer_syntax, dataset_length):
+        if not plausible_dataset_start(head, requested.transfer_syntax, dataset_length):
             raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+        view = memoryview(data)
+        _check_received(
+            lambda offset, count: bytes(view[offset : offset + count]),
+            len(data),
+            meta_end,
+            requested,
+        )
         return spool.write_file(data, folder), len(data)
 
     def _commit_spool_file(
-        self, received: SpoolFile, folder: Path, transfer_syntax: str
+        self, received: SpoolFile, folder: Path, requested: _RequestedInstance
     ) -> tuple[Path, int]:
         # The usual case: a precreated file, still open, whose first bytes are in memory.
         spool = self._ingest.spool
@@ -451,8 +472,11 @@ class Scp:
             if received.error is not None:
                 raise received.error
             head, dataset_start = received_dataset_head(received)
-            if not plausible_dataset_start(head, transfer_syntax, received.size - dataset_start):
+            dataset_length = received.size - dataset_start
+            if not plausible_dataset_start(head, requested.transfer_syntax, dataset_length):
                 raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+            received.flush()  # the walk reads the file back through its descriptor
+            _check_received(fd_reader(received.fd), received.size, dataset_start, requested)
             received.sync(durable=spool.fsync)
             return spool.commit_file(received.name, folder, already_synced=True), received.size
         except OSError as exc:
@@ -460,7 +484,7 @@ class Scp:
             raise BackendUnavailableError(f"spooling the received data set failed: {exc}") from exc
 
     def _commit_received_path(
-        self, received: Path, folder: Path, transfer_syntax: str
+        self, received: Path, folder: Path, requested: _RequestedInstance
     ) -> tuple[Path, int]:
         # A file pynetdicom created itself (no precreated file was handed to this association).
         spool = self._ingest.spool
@@ -470,8 +494,10 @@ class Scp:
             try:
                 size = os.fstat(fd).st_size
                 head, dataset_start = dataset_head_from_file(fd)
+                transfer_syntax = requested.transfer_syntax
                 if not plausible_dataset_start(head, transfer_syntax, size - dataset_start):
                     raise InvalidDicomError("the received bytes do not start like a DICOM dataset")
+                _check_received(fd_reader(fd), size, dataset_start, requested)
                 if spool.fsync:
                     os.fsync(fd)
             finally:
@@ -480,6 +506,44 @@ class Scp:
         except OSError as exc:
             # A full or failing disk, or pynetdicom's file on another filesystem: 0xA700.
             raise BackendUnavailableError(f"spooling the received data set failed: {exc}") from exc
+
+
+class _RequestedInstance(NamedTuple):
+    """What a C-STORE-RQ and its presentation context say the dataset is."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+def _check_received(
+    read: Reader, size: int, dataset_start: int, requested: _RequestedInstance
+) -> InstanceUids:
+    """Refuse, before it is acknowledged, a received dataset the store stage would refuse
+    (or store under another UID than the one confirmed). Runs on an association thread;
+    blocking (reads the element headers back, about one read per instance).
+
+    Raises
+    ------
+    InvalidDicomError
+        From :func:`~kp_gateway.dicom.part10.check_instance`: invalid UIDs, cut off.
+    DatasetMismatchError
+        The dataset's SOP Class or Instance UID is not the request's (PS3.4 B.2.3, 0xA900).
+    """
+    uids = check_instance(
+        read, size, dataset_start, requested.transfer_syntax, requested.sop_class_uid
+    )
+    if uids.sop_instance_uid != requested.sop_instance_uid:
+        raise DatasetMismatchError(
+            f"the dataset's SOPInstanceUID {uids.sop_instance_uid} is not the request's "
+            f"AffectedSOPInstanceUID {requested.sop_instance_uid}"
+        )
+    if uids.sop_class_uid != requested.sop_class_uid:
+        raise DatasetMismatchError(
+            f"the dataset's SOPClassUID {uids.sop_class_uid} is not the request's "
+            f"AffectedSOPClassUID {requested.sop_class_uid}"
+        )
+    return uids
 
 
 __all__ = ["Scp"]

@@ -12,18 +12,17 @@ import struct
 from pathlib import Path
 
 import pydicom
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
+from kp_gateway.dicom.part10 import check_instance, fd_reader, read_file_meta
 from kp_gateway.errors import InvalidDicomError, RejectedInputError, UnsupportedMediaError
 from kp_gateway.uids import is_valid_uid
 from kp_gateway.upload.archive import ArchiveLimits, ArchiveMember, list_members, open_member
@@ -100,70 +99,28 @@ def is_dicomdir(path: Path) -> bool:
     return str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY
 
 
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def _native_pixel_bytes(ds: pydicom.Dataset) -> int:
-    """Bytes the native (uncompressed) Pixel Data of `ds` must hold (PS3.5 8.1.1)."""
-    frames = int(ds.get("NumberOfFrames") or 1)
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
-        samples = 2  # chroma subsampled 2:1 horizontally: two values per pixel (PS3.3 C.7.6.3.1.2)
-    bits = int(ds.Rows) * int(ds.Columns) * samples * frames
-    return (bits * int(ds.BitsAllocated) + 7) // 8
-
-
 def check_complete_instance(path: Path) -> None:
     """Blocking. Refuse a Part-10 file that is not a whole, identifiable instance.
 
-    pydicom reads a value cut off by the end of the file without complaint. So the file is
-    parsed with large values left unread (``defer_size``, memory stays small) and each unread
-    element's declared end is checked against the file's size; a native Pixel Data that had to
-    be read is checked against the size its image attributes call for.
+    The same check the C-STORE path runs before it answers
+    (:func:`kp_gateway.dicom.part10.check_instance`): valid UIDs, no value past the end of the
+    file, a sequence or encapsulated Pixel Data ending in its delimiter, a native Pixel Data as
+    long as the image needs. Only element headers and a few small values are read: memory
+    follows the header, never the Pixel Data.
 
     Raises
     ------
     InvalidDicomError
-        Not parseable; no valid SOP Class/Instance, Study or Series UID; a value running past
-        the end of the file; an image (Rows/Columns) whose pixel data is missing or short.
+        Not a Part-10 file; no valid SOP Class/Instance, Study or Series UID; a value, item or
+        fragment running past the end of the file; an image whose pixel data is missing or short.
     """
-    size = path.stat().st_size
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)
-        # The stored elements as read: unread values stay raw, with their offset and length.
-        # (Dataset.elements() and get_item() would read deferred values; pydicom is pinned.)
-        elements = list(ds._dict.values())
-        # Offsets in a deflated dataset count the inflated stream, not the file (a cut zlib
-        # stream already fails to inflate).
-        deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-        ends = [
-            e.value_tell + e.length
-            for e in elements
-            if isinstance(e, RawDataElement) and e.length != _UNDEFINED_LENGTH and not deflated
-        ]
-        uids = [
-            str(ds.get(k, ""))
-            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        ]
-        is_image = "Rows" in ds and "Columns" in ds
-        pixels = next((e for e in elements if e.tag == 0x7FE00010), None)
-        encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
-        short = (
-            isinstance(pixels, DataElement)
-            and not encapsulated
-            and is_image
-            and "BitsAllocated" in ds
-            and len(pixels.value or b"") < _native_pixel_bytes(ds)
-        )
-    except (PydicomInvalidDicomError, ValueError, TypeError, EOFError, OSError, KeyError,
-            AttributeError) as exc:  # fmt: skip
-        raise InvalidDicomError(f"not a readable DICOM dataset ({exc})") from exc
-    if not all(is_valid_uid(uid) for uid in uids):
-        raise InvalidDicomError("not DICOM: no valid SOP Class, SOP Instance, Study or Series UID")
-    if (ends and max(ends) > size) or short:
-        raise InvalidDicomError("the file is cut off: its dataset does not reach its declared end")
-    if is_image and pixels is None and not any(t in ds for t in (0x7FE00008, 0x7FE00009)):
-        raise InvalidDicomError("the image has no pixel data (the file is cut off or incomplete)")
+        with open(path, "rb") as fh:
+            read = fd_reader(fh.fileno())
+            dataset_start, transfer_syntax = read_file_meta(read)
+            check_instance(read, os.fstat(fh.fileno()).st_size, dataset_start, transfer_syntax)
+    except OSError as exc:
+        raise InvalidDicomError(f"cannot read the file ({exc})") from exc
 
 
 def to_part10(src: Path) -> Path:
