@@ -203,11 +203,13 @@ def dicom_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Covers many transfer syntaxes (JPEG, JPEG 2000, RLE, deflate, big endian) and SOP classes
     (CT, MR, SC, SR, RT dose, waveform). Files DCMTK cannot parse are left out, since the
-    user documentation's dcmsend command stops at the first unreadable file.
+    user documentation's dcmsend command stops at the first unreadable file, and so are files
+    the gateway refuses by design (cut short, or not what dcmsend's request says they are).
     """
     from pynetdicom import ALL_TRANSFER_SYNTAXES
 
     from kp_gateway.uids import is_valid_uid
+    from kp_gateway.upload.sniff import check_complete_instance
 
     if shutil.which("dcmdump") is None:
         pytest.skip("DCMTK (dcmdump) is not installed; `make test` installs it")
@@ -222,13 +224,24 @@ def dicom_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 str(ds.file_meta.TransferSyntaxUID) in ALL_TRANSFER_SYNTAXES
                 and all(is_valid_uid(u) for u in [sop, *uids])
                 and str(ds.file_meta.get("MediaStorageSOPInstanceUID", "")) == sop
+                # dcmsend names the file meta's class in the request; a dataset of another
+                # class is refused with 0xA900, as DCMTK's storescp does.
+                and str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == str(ds.SOPClassUID)
                 and sop not in seen
             )
+            # Files cut short (MR_truncated.dcm) are refused before the acknowledgement.
+            check_complete_instance(path)
         except Exception:  # noqa: BLE001 - any unreadable file is simply not part of the corpus
             continue
         if not ok:
             continue
-        if subprocess.run(["dcmdump", "-q", str(path)], capture_output=True).returncode != 0:
+        dump = subprocess.run(
+            ["dcmdump", "-q", "+P", "0008,0018", str(path)], capture_output=True, text=True
+        )
+        # DCMTK must read the SOPInstanceUID as the dataset holds it: files encoded other than
+        # their transfer syntax (rtdose_rle*.dcm) make dcmsend request another UID, refused
+        # with 0xA900 (a confirmation under that UID would name nothing stored).
+        if dump.returncode != 0 or f"UI [{sop}]" not in dump.stdout:
             continue
         seen.add(sop)
         target = out / f"folder{index % 3}" / "sub" / path.name
