@@ -130,6 +130,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             dicom_endpoint=DicomEndpoint(
                 cfg.http.public_host, cfg.dicom.public_port or cfg.dicom.port
             ),
+            min_free_bytes=cfg.dicom.min_free_bytes,
             uploads=uploads,
             series_stages=series_stages,
         )

@@ -8,11 +8,12 @@ pipeline relies on before it deletes the spool files of that batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,6 +64,26 @@ CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT, stage TEXT NOT NULL, path TEXT NOT NULL,
     reason TEXT NOT NULL, at REAL NOT NULL);
 """
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, which is raised as it was.
+
+    SQLite ends a transaction itself on some errors (disk full, I/O): a ROLLBACK then fails
+    with "cannot rollback - no transaction is active", which must not replace the real error.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.warning("index rollback failed after an error", exc_info=True)
+        raise
 
 
 class SqliteIndex:
@@ -133,14 +154,9 @@ class SqliteIndex:
 
     def _write_instances(self, conn: sqlite3.Connection, batch: Sequence[IndexedInstance]) -> None:
         projects = {row[0] for row in conn.execute("SELECT name FROM projects")}
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             for item in batch:
                 self._write_one(conn, item, projects)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _write_one(
         self, conn: sqlite3.Connection, item: IndexedInstance, projects: set[str]
@@ -224,13 +240,8 @@ class SqliteIndex:
         """Merge `fields` into every project document of the series (thumbnail, validation)."""
 
         def update(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 self._update_documents(conn, series_instance_uid, fields)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
         await self._run(update)
 
@@ -263,17 +274,12 @@ class SqliteIndex:
                 "SELECT count(*) FROM instances WHERE series_uid = ?", (series_instance_uid,)
             ).fetchone()[0]
             fields = completion_fields(numbers, count)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 self._update_documents(conn, series_instance_uid, fields)
                 conn.execute(
                     "UPDATE series SET complete = 1, completed_at = ? WHERE series_uid = ?",
                     (time.time(), series_instance_uid),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return fields
 
         return await self._run(complete)
@@ -326,15 +332,10 @@ class SqliteIndex:
 
     async def delete_project(self, name: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 cur = conn.execute("DELETE FROM projects WHERE name = ?", (name,))
                 for table in ("series_projects", "datasets", "series_datasets", "documents"):
                     conn.execute(f"DELETE FROM {table} WHERE project = ?", (name,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             return cur.rowcount > 0
 
         return await self._run(delete)

@@ -36,6 +36,7 @@ from kp_gateway.http.appkeys import (
     HEALTH_KEY,
     HTTP_CONFIG_KEY,
     INDEX_KEY,
+    MIN_FREE_BYTES_KEY,
     PIPELINE_KEY,
     PROTECTED_PROJECTS_KEY,
     REGISTRY_KEY,
@@ -200,6 +201,7 @@ def make_app(
     health: Health,
     default_project: str,
     dicom_endpoint: DicomEndpoint,
+    min_free_bytes: int = 0,
     uploads: UploadService | None = None,
     series_stages: SeriesPostProcessor | None = None,
 ) -> web.Application:
@@ -215,6 +217,7 @@ def make_app(
     app[INDEX_KEY] = index
     app[STORAGE_KEY] = storage
     app[PIPELINE_KEY] = pipeline
+    app[MIN_FREE_BYTES_KEY] = min_free_bytes
     app[REGISTRY_KEY] = metrics.registry
     app[PROTECTED_PROJECTS_KEY] = frozenset({ADMIN_PROJECT, default_project})
     app[TOKEN_KEY] = token

@@ -35,6 +35,8 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 PROTECTED_PROJECTS_KEY = web.AppKey("protected_projects", frozenset)
 # Asked only for its readiness (pipeline state); see IngestService.readiness.
 PIPELINE_KEY = web.AppKey("pipeline", IngestService)
+# Below this much free storage the gateway refuses C-STOREs, so it is not ready either.
+MIN_FREE_BYTES_KEY = web.AppKey("min_free_bytes", int)
 TOKEN_KEY = web.AppKey("token", str)
 HEALTH_KEY = web.AppKey("health", Health)
 SERIES_STAGES_KEY = web.AppKey("series_stages", SeriesPostProcessor)
@@ -44,6 +46,7 @@ __all__ = [
     "HEALTH_KEY",
     "HTTP_CONFIG_KEY",
     "INDEX_KEY",
+    "MIN_FREE_BYTES_KEY",
     "PIPELINE_KEY",
     "PROTECTED_PROJECTS_KEY",
     "REGISTRY_KEY",

@@ -14,6 +14,7 @@ from kp_gateway.errors import GatewayError
 from kp_gateway.http.appkeys import (
     HEALTH_KEY,
     INDEX_KEY,
+    MIN_FREE_BYTES_KEY,
     PIPELINE_KEY,
     REGISTRY_KEY,
     SERIES_STAGES_KEY,
@@ -39,7 +40,12 @@ async def get_ready(request: web.Request) -> web.Response:
     try:
         await storage.ping()
         free = await storage.free_bytes()
-        components["storage"] = {"ok": True, "free_bytes": free}
+        low = request.app[MIN_FREE_BYTES_KEY]
+        components["storage"] = {"ok": free is None or free >= low, "free_bytes": free}
+        if free is not None and free < low:
+            components["storage"]["detail"] = (
+                f"{free} bytes free, below dicom.min_free_bytes ({low}): C-STOREs get 0xA700"
+            )
     except (GatewayError, OSError) as exc:
         components["storage"] = {"ok": False, "detail": str(exc)}
     pipeline = request.app[PIPELINE_KEY].readiness()

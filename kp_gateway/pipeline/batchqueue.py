@@ -47,6 +47,9 @@ class BatchQueue(Generic[E]):
         self._unfinished = 0
         self._all_done = asyncio.Event()
         self._all_done.set()
+        # Items taken out to be retried later: they keep their place in `maxsize`, so a stage
+        # whose backend fails cannot let its predecessor pile up ever more work behind it.
+        self._held = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop the consumers run on (needed by :meth:`put_threadsafe`). Loop only."""
@@ -55,6 +58,11 @@ class BatchQueue(Generic[E]):
     def qsize(self) -> int:
         """Items waiting."""
         return len(self._items)
+
+    @property
+    def held(self) -> int:
+        """Items out for a retry that still count against `maxsize`."""
+        return self._held
 
     def empty(self) -> bool:
         """No items waiting."""
@@ -73,10 +81,27 @@ class BatchQueue(Generic[E]):
     async def put_many(self, items: list[E]) -> None:
         """Append `items` once the queue holds fewer than `maxsize` (it may then exceed it by
         at most ``len(items) - 1``: a batch is never split). Loop only."""
-        while self.maxsize and len(self._items) >= self.maxsize:
+        while self.maxsize and len(self._items) + self._held >= self.maxsize:
             self._space.clear()
             await self._space.wait()
         self._append_on_loop(items)
+
+    def hold(self) -> None:
+        """A popped item will come back (a retry): keep its place until :meth:`put_held`.
+
+        Counted in :meth:`join` until it is back. Loop only.
+        """
+        self._held += 1
+        with self._lock:
+            self._unfinished += 1
+            self._all_done.clear()
+
+    def put_held(self, item: E) -> None:
+        """Append an item whose place :meth:`hold` kept; never waits. Loop only."""
+        self._held -= 1
+        with self._lock:
+            self._unfinished -= 1  # _append_locked counts it again
+        self._append_on_loop([item])
 
     def _append_on_loop(self, items: list[E]) -> None:
         with self._lock:

@@ -3,7 +3,9 @@
 It knows nothing of DICOM. A stage handler takes a batch of items and either returns (all OK)
 or raises; a failed batch is split and each item retried alone, so one bad item never holds
 back the others. A full queue makes the previous stage's workers wait, and in the end
-admission itself, which is how backpressure reaches the sender.
+admission itself, which is how backpressure reaches the sender. An item waiting for a retry
+keeps its place in its stage's queue, so a failing backend slows the senders instead of
+letting work pile up behind it.
 
 Admission is a counting semaphore sized to the first stage's ``queue_size``: a slot is taken
 when an item is admitted and given back when the item leaves the first stage. Because it is a
@@ -159,6 +161,8 @@ class Pipeline(Generic[T]):
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
+        # Stage name -> the backend error its items are waiting out (readiness shows it).
+        self.outages: dict[str, str] = {}
         # Admission runs on association threads too, so the count has a lock.
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -291,6 +295,7 @@ class Pipeline(Generic[T]):
             if await self._handle_failure(stage, batch[0], exc) and first:
                 self._release_slot()
             return
+        self.outages.pop(stage.name, None)
         self._observer.on_stage_done(
             stage.name, [env.item for env in batch], time.monotonic() - started
         )
@@ -320,6 +325,8 @@ class Pipeline(Generic[T]):
         # an attempt limit: the item was acknowledged and must not end in quarantine because
         # of an outage. Meanwhile the queues fill and senders get 0xA700 / 503.
         unlimited = isinstance(exc, BackendUnavailableError)
+        if unlimited:
+            self.outages[stage.name] = str(exc)
         if outcome is StageOutcome.RETRY and (unlimited or env.attempts < self._retry.max_attempts):
             delay = self._retry.delay(env.attempts)
             logger.warning(
@@ -331,6 +338,7 @@ class Pipeline(Generic[T]):
                 exc,
             )
             self._observer.on_retry(stage.name, env.item, exc)
+            stage.queue.hold()
             task = asyncio.create_task(self._requeue(stage, env, delay))
             self._retry_tasks.add(task)
             task.add_done_callback(self._retry_tasks.discard)
@@ -349,9 +357,10 @@ class Pipeline(Generic[T]):
         return True
 
     async def _requeue(self, stage: Stage[T], env: _Envelope[T], delay: float) -> None:
+        # The item held its place in the stage's queue meanwhile (backpressure holds while a
+        # backend is down) and is counted in the stage's join() until it is back.
         await asyncio.sleep(delay)
-        # Counted in the stage's join() until it is back in the queue.
-        await stage.queue.put(env)
+        stage.queue.put_held(env)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting, finish queued work within `timeout_s`, then stop the workers.

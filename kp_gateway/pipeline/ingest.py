@@ -201,13 +201,19 @@ class IngestService:
         self.tracker.source_closed(source_id)
 
     def readiness(self) -> dict[str, Any]:
-        """Whether the pipeline accepts work, with its load (for ``/health/ready``)."""
-        return {
-            "ok": self.pipeline.accepting,
+        """Whether the pipeline accepts work and its backends answer, with its load (for
+        ``/health/ready``). A stage waiting out a backend error is not ready: senders are
+        being slowed down, and the error says why."""
+        outages = dict(self.pipeline.outages)
+        info: dict[str, Any] = {
+            "ok": self.pipeline.accepting and not outages,
             "in_flight": self.pipeline.in_flight,
             "queues": self.pipeline.queue_depths(),
             "series_pending_completion": self.tracker.pending_count(),
         }
+        if outages:
+            info["detail"] = "; ".join(f"{stage}: {error}" for stage, error in outages.items())
+        return info
 
     def add_item_settled_hook(self, hook: ItemHook) -> None:
         """Call `hook` on the loop with each item as it finishes or is quarantined."""

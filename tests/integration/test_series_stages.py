@@ -25,11 +25,13 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEGLosslessSV1,
     generate_uid,
 )
 
@@ -71,11 +73,11 @@ class Series:
     sop_uids: list[str]
 
 
-def _save(ds: Dataset, path: Path) -> Path:
+def _save(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -87,12 +89,13 @@ def make_ct_series(
     count: int = 10,
     skip: Sequence[int] = (),
     description: str = "synthetic chest",
-    truncate_pixels: bool = False,
+    undecodable_pixels: bool = False,
 ) -> Series:
     """A CT stack of `count` 64x64 axial slices, 2.5 mm apart; slice k has a disc of radius 4+2k.
 
     Slices whose index is in `skip` are left out (a gap in position and InstanceNumber).
-    With `truncate_pixels` the PixelData holds far fewer bytes than Rows x Columns needs.
+    With `undecodable_pixels` the PixelData is whole JPEG Lossless fragments of garbage: a
+    complete instance (so C-STORE takes it) that no decoder can read.
     """
     directory.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
@@ -143,8 +146,13 @@ def make_ct_series(
         ds.AcquisitionNumber = 1
         disc = (yy - SIZE / 2) ** 2 + (xx - SIZE / 2) ** 2 <= (4 + 2 * k) ** 2
         pixels = np.where(disc, 1024 + 300, 1024 - 100).astype(np.uint16).tobytes()
-        ds.PixelData = pixels[:64] if truncate_pixels else pixels
-        paths.append(_save(ds, directory / f"ct-{k}.dcm"))
+        if undecodable_pixels:
+            ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(range(256)) * 4])
+            ds["PixelData"].VR = "OB"
+            paths.append(_save(ds, directory / f"ct-{k}.dcm", JPEGLosslessSV1))
+        else:
+            ds.PixelData = pixels
+            paths.append(_save(ds, directory / f"ct-{k}.dcm"))
         sop_uids.append(str(ds.SOPInstanceUID))
     return Series(series_uid, paths, sop_uids)
 
@@ -410,7 +418,7 @@ async def test_series_stages_undecodable_pixels_recorded_not_blocking(
     harness: Harness, tmp_path: Path
 ) -> None:
     """Pixel data that cannot be decoded: indexed and validated anyway, the error recorded."""
-    broken = make_ct_series(tmp_path / "broken", count=3, truncate_pixels=True)
+    broken = make_ct_series(tmp_path / "broken", count=3, undecodable_pixels=True)
     await asyncio.to_thread(dcmsend, harness.gw.scp.port, broken.paths)
     doc = await wait_document(
         harness.http,

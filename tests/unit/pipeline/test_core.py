@@ -230,3 +230,45 @@ async def test_backend_outage_is_retried_past_max_attempts() -> None:
     await pipeline.submit(1, timeout_s=1)
     assert await pipeline.drain(5)
     assert (attempts, rec.finished, rec.quarantined) == (10, [1], [])
+
+
+async def test_retries_hold_their_queue_place_so_an_outage_reaches_admission() -> None:
+    """Issue 14 finding 10: with the last stage's backend down, items waiting for a retry keep
+    their place in its queue; the first stage then stalls and admission refuses, instead of
+    in-flight work growing to many times the queue sizes."""
+    store_done = 0
+    outage = True
+
+    async def store(batch: list[int]) -> None:
+        nonlocal store_done
+        store_done += len(batch)
+
+    async def index(batch: list[int]) -> None:
+        if outage:
+            raise BackendUnavailableError("the index cannot write")
+
+    rec = Recorder()
+    slow_retry = RetryPolicy(max_attempts=3, backoff_s=0.05, backoff_max_s=0.05)
+    pipeline = Pipeline(
+        [
+            Stage("store", store, workers=2, queue_size=4),
+            Stage("index", index, workers=1, queue_size=4, batch_max=2),
+        ],
+        retry=slow_retry,
+        on_finished=rec.on_finished,
+        on_quarantine=rec.on_quarantine,
+    )
+    pipeline.start()
+    admitted = 0
+    with pytest.raises(PipelineFull):
+        for item in range(200):
+            await pipeline.submit(item, timeout_s=0.5)
+            admitted += 1
+    # Store's 4 slots + index's 4 places (queued or held for a retry) + one batch in hand
+    # per store worker waiting to be queued.
+    bound = 4 + 4 + 2
+    assert admitted <= bound and pipeline.in_flight <= bound, (admitted, pipeline.in_flight)
+    assert store_done <= bound
+    outage = False
+    assert await pipeline.drain(10)
+    assert sorted(rec.finished) == list(range(admitted)) and rec.quarantined == []
