@@ -221,6 +221,7 @@ def _uploads(
         project_exists=index.project_exists,
         metrics=metrics,
         nifti_available=True,
+        min_free_bytes=cfg.dicom.min_free_bytes,
     )
 
 

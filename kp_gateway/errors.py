@@ -14,6 +14,7 @@
     │   ├── UnsupportedMediaError               not a zip / DICOM / NIfTI where one is required
     │   └── ConversionError                     NIfTI could not become conformant DICOM
     ├── PipelineFull                            capacity; transient for the sender
+    ├── InsufficientStorageError                the disk is full or below its reserve (507 / 0xA700)
     ├── ShuttingDownError                       intake closed
     └── BackendError                            raised only by backends/*, always ``from`` the cause
         ├── BackendUnavailableError             transient (timeouts, disk full, connection) -> RETRY
@@ -138,6 +139,10 @@ class PipelineFull(GatewayError):
     """The pipeline stayed saturated past the admission wait."""
 
 
+class InsufficientStorageError(GatewayError):
+    """The data filesystem is full, or would fall below its configured reserve."""
+
+
 class ShuttingDownError(GatewayError):
     """The gateway is draining and accepts no new work."""
 
@@ -171,6 +176,7 @@ _DIMSE_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (DatasetMismatchError, STATUS_DATASET_MISMATCH),
     (InvalidDicomError, STATUS_CANNOT_UNDERSTAND),
     (PipelineFull, STATUS_OUT_OF_RESOURCES),
+    (InsufficientStorageError, STATUS_OUT_OF_RESOURCES),
     (ShuttingDownError, STATUS_OUT_OF_RESOURCES),
     # A write that failed (disk full, backend down) is "out of resources", as qrscp answers.
     (BackendError, STATUS_OUT_OF_RESOURCES),
@@ -194,6 +200,7 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidDicomError, 400),
     (RejectedInputError, 400),
     (PipelineFull, 503),
+    (InsufficientStorageError, 507),
     (ShuttingDownError, 503),
     (BackendUnavailableError, 503),
     (BackendRejectedError, 500),

@@ -10,12 +10,15 @@ the pipeline) lives in :mod:`kp_gateway.upload.importer`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import errno
 import logging
 import re
+import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from kp_gateway.config import UploadConfig
 from kp_gateway.durable import fsync_file, remove_paths, write_atomic
 from kp_gateway.errors import (
     FeatureUnavailableError,
+    InsufficientStorageError,
     PayloadTooLargeError,
     RejectedInputError,
     ShuttingDownError,
@@ -80,23 +84,65 @@ def safe_filename(raw: str) -> str:
     return name or "upload.bin"
 
 
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn "no space left" (and an exhausted quota) into InsufficientStorageError (507)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:
+            raise InsufficientStorageError(f"the gateway's disk is full: {exc.strerror}") from exc
+        raise
+
+
+def check_free_space(folder: Path, reserve: int, more: int = 0) -> None:
+    """Blocking. InsufficientStorageError unless `folder`'s filesystem keeps `reserve` bytes
+    free after `more` are written."""
+    if reserve <= 0:
+        return
+    free = shutil.disk_usage(folder).free
+    if free - more < reserve:
+        raise InsufficientStorageError(
+            f"the gateway's disk has {free} bytes free; {more} more would leave less than "
+            f"the reserve of {reserve} bytes (dicom.min_free_bytes)"
+        )
+
+
 class BodyWriter:
-    """Appends streamed bytes to a file from a worker thread, with a running byte cap."""
+    """Appends streamed bytes to a file from a worker thread, with a running byte cap.
+
+    Every write first checks that the filesystem keeps `reserve` bytes free (one statvfs per
+    MiB written); a full disk is InsufficientStorageError (507), never a traceback.
+    """
 
     def __init__(
-        self, path: Path, *, offset: int, cap: int, on_bytes: Callable[[int], None]
+        self,
+        path: Path,
+        *,
+        offset: int,
+        cap: int,
+        on_bytes: Callable[[int], None],
+        reserve: int = 0,
     ) -> None:
         self.path = path
         self.position = offset  # bytes durably handed to the file so far
         self._cap = cap
         self._on_bytes = on_bytes
+        self._reserve = reserve
         self._buf = bytearray()
         self._fh: Any = None
 
     async def open(self) -> None:
         def _open() -> Any:
-            fh = open(self.path, "r+b" if self.position else "wb")  # noqa: SIM115 - closed in close()
-            fh.truncate(self.position)
+            with storage_errors():
+                if not self.position:
+                    return open(self.path, "wb")
+                fh = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
+                # Bytes after the last recorded offset were never fsynced or acknowledged.
+                fh.truncate(self.position)
             fh.seek(self.position)
             return fh
 
@@ -112,9 +158,15 @@ class BodyWriter:
     async def flush(self) -> None:
         if self._buf:
             data, self._buf = bytes(self._buf), bytearray()
-            await asyncio.to_thread(self._fh.write, data)
+            await asyncio.to_thread(self._write, data)
             self.position += len(data)
             self._on_bytes(len(data))
+
+    def _write(self, data: bytes) -> None:
+        check_free_space(self.path.parent, self._reserve, len(data))
+        with storage_errors():
+            self._fh.write(data)
+            self._fh.flush()  # a full disk shows here, not later in close()
 
     async def close(self, *, sync: bool) -> None:
         fh, self._fh = self._fh, None
@@ -123,11 +175,13 @@ class BodyWriter:
 
         def _close() -> None:
             try:
-                fh.flush()
-                if sync:
-                    fsync_file(self.path)
+                with storage_errors():
+                    fh.flush()
+                    if sync:
+                        fsync_file(self.path)
             finally:
-                fh.close()
+                with contextlib.suppress(OSError):  # the flush above said what went wrong
+                    fh.close()
 
         await asyncio.to_thread(_close)
 
@@ -181,6 +235,9 @@ class UploadService:
         ``uploads_total``, ``upload_bytes`` and ``upload_import_seconds``.
     nifti_available : bool
         Whether ``kind=nifti`` can be converted (else 501).
+    min_free_bytes : int
+        ``dicom.min_free_bytes``: uploads keep this much of the data filesystem free too
+        (507 otherwise), checked while the bytes arrive.
     """
 
     def __init__(
@@ -193,8 +250,10 @@ class UploadService:
         project_exists: Callable[[str], Awaitable[bool]],
         metrics: Metrics,
         nifti_available: bool,
+        min_free_bytes: int = 0,
     ) -> None:
         self.cfg = cfg
+        self._reserve = min_free_bytes
         self.state_dir = state_dir
         self.nifti_available = nifti_available
         self._fsync = fsync
@@ -284,7 +343,8 @@ class UploadService:
             if upload.id in self.records:  # not discarded meanwhile
                 doc = upload.to_dict()
                 path = self.state_dir / f"{upload.id}.json"
-                await asyncio.to_thread(write_atomic, path, doc, fsync=self._fsync)
+                with storage_errors():
+                    await asyncio.to_thread(write_atomic, path, doc, fsync=self._fsync)
 
     async def _flush_dirty(self) -> None:
         for upload_id in list(self._dirty):
@@ -452,6 +512,7 @@ class UploadService:
         cap = self.cfg.max_upload_bytes
         if expected is not None and expected > cap:
             raise PayloadTooLargeError(f"the upload exceeds the limit of {cap} bytes")
+        await asyncio.to_thread(check_free_space, self.state_dir, self._reserve, expected or 0)
         upload = self._new_upload(params, "post", expected)
         writer = self._writer(upload, cap=cap)
         try:
@@ -541,6 +602,7 @@ class UploadService:
             raise PayloadTooLargeError(
                 f"Upload-Length {length} exceeds the limit of {self.cfg.max_upload_bytes}"
             )
+        await asyncio.to_thread(check_free_space, self.state_dir, self._reserve, length)
         unfinished = self._unfinished_tus()
         if len(unfinished) >= self.cfg.tus_max_unfinished:
             raise UploadQuotaError(
@@ -599,9 +661,13 @@ class UploadService:
             except ConnectionError:
                 logger.info("tus upload %s cut off at %d bytes", upload.id, writer.position)
             finally:
-                await writer.flush()
-                await writer.close(sync=self._fsync)
-                await self._save(upload)  # the offset is durable only once saved after fsync
+                try:
+                    await writer.flush()
+                finally:
+                    await writer.close(sync=self._fsync)
+                    # The offset is durable only once saved after the fsync; a resumed PATCH
+                    # truncates whatever came after it.
+                    await self._save(upload)
             if upload.bytes_received == upload.bytes_expected:
                 try:
                     await self._accept(upload)
@@ -641,6 +707,8 @@ __all__ = [
     "BodyWriter",
     "UploadParams",
     "UploadService",
+    "check_free_space",
     "safe_filename",
+    "storage_errors",
     "summary",
 ]
