@@ -75,6 +75,9 @@ _REJECTED_TRANSIENT = 0x02
 _SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03
 _REASON_LOCAL_LIMIT_EXCEEDED = 0x02
 
+# The first block a PDU read allocates; it doubles as the bytes arrive (memory follows them).
+_FIRST_RECV_BLOCK = 64 << 10
+
 # Spool files kept created ahead of need (chunked receive): a few hundred milliseconds of
 # C-STOREs at full rate, a few open descriptors and write buffers.
 PRECREATED_SPOOL_FILES = 32
@@ -83,9 +86,11 @@ PRECREATED_SPOOL_FILES = 32
 class CappedAssociationSocket(AssociationSocket):
     """An AssociationSocket that refuses PDUs longer than a cap and reads in large blocks.
 
-    pynetdicom reads whatever PDU length the peer declares into memory, 4 KiB at a time; a peer
-    declaring 4 GiB would make us allocate it. Over the cap, ``recv`` raises OSError, which
-    pynetdicom treats as a closed connection (the association ends, nothing is acknowledged).
+    pynetdicom reads whatever PDU length the peer declares, 4 KiB at a time; a peer declaring
+    4 GiB would make us allocate it. Over the cap, ``recv`` raises OSError, which pynetdicom
+    treats as a closed connection (the association ends, nothing is acknowledged). Under it,
+    the buffer grows with the bytes that actually arrive (doubling from 64 KiB), so a
+    6-byte header declaring 64 MiB costs 64 KiB, not 64 MiB.
     """
 
     max_pdu_length = 64 << 20
@@ -97,16 +102,17 @@ class CappedAssociationSocket(AssociationSocket):
             )
         sock = self.socket
         assert sock is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        buffer = bytearray(min(nr_bytes, _FIRST_RECV_BLOCK))
         received = 0
         while received < nr_bytes:
-            count = sock.recv_into(view[received:], nr_bytes - received)
+            if received == len(buffer):
+                buffer += bytes(min(len(buffer), nr_bytes - len(buffer)))
+            with memoryview(buffer) as view:
+                count = sock.recv_into(view[received:], len(buffer) - received)
             if count == 0:
-                del view
-                return buffer[:received]
+                del buffer[received:]
+                return buffer
             received += count
-        del view
         return buffer
 
 

@@ -1,0 +1,60 @@
+"""A PDU header costs what arrived, not what it declares (issue 14, finding 2).
+
+Before: a 6-byte A-ASSOCIATE-RQ header declaring 64 MiB made the SCP allocate (and zero) the
+whole 64 MiB before any data came; 60 such connections took the gateway from 85 to 3,996 MiB.
+Here unauthenticated strangers on loopback send only that header and stay silent, while DCMTK's
+echoscu, a real sender, still gets through.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+from typing import Any
+
+from tests.conftest import dcmtk_env
+
+MiB = 1 << 20
+ATTACKERS = 12
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_declared_pdu_length_is_not_allocated_up_front(gateway_process: Any) -> None:
+    gw = gateway_process(dicom__max_associations=ATTACKERS + 4)
+    assert gw.proc is not None
+    before = _rss_bytes(gw.proc.pid)
+    attackers = []
+    try:
+        for _ in range(ATTACKERS):
+            s = socket.create_connection(("127.0.0.1", gw.dicom_port), timeout=10)
+            # A-ASSOCIATE-RQ (type 0x01), reserved byte, PDU length just under the 64 MiB cap.
+            s.sendall(struct.pack(">BBL", 0x01, 0x00, 64 * MiB - 1))
+            attackers.append(s)
+        echo = subprocess.run(
+            ["echoscu", "-aec", "kp-admin", "127.0.0.1", str(gw.dicom_port)],
+            capture_output=True,
+            env=dcmtk_env(),
+            timeout=60,
+        )
+        assert echo.returncode == 0, echo.stderr
+        # Each attacker's read started before echoscu's association (accepted in order);
+        # watch the memory for a while, since the allocation would come at once.
+        peak = before
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            peak = max(peak, _rss_bytes(gw.proc.pid))
+            time.sleep(0.05)
+    finally:
+        for s in attackers:
+            s.close()
+    # Old behaviour: 12 x 64 MiB = 768 MiB. Now 64 KiB each, plus threads' stacks.
+    assert peak - before < 64 * MiB, f"RSS grew by {(peak - before) // MiB} MiB"
