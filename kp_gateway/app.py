@@ -24,7 +24,7 @@ from kp_gateway.backends.base import IndexBackend, StorageBackend
 from kp_gateway.config import Config
 from kp_gateway.datadir import DataDir, load_or_create_token, lock_data_dir
 from kp_gateway.dicom.scp import Scp
-from kp_gateway.http.app import make_app
+from kp_gateway.http.app import limit_connections, make_app
 from kp_gateway.http.appkeys import Health
 from kp_gateway.http.security import RedactingAccessLogger
 from kp_gateway.http.uploads import DicomEndpoint
@@ -138,8 +138,12 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             app,
             access_log=logging.getLogger("aiohttp.access"),
             access_log_class=RedactingAccessLogger,
+            # Also closes a connection that never completes its request headers.
+            keepalive_timeout=cfg.http.idle_timeout_s,
         )
         await runner.setup()
+        assert runner.server is not None
+        limit_connections(runner.server, cfg.http.max_connections)
         site = web.TCPSite(runner, cfg.http.host, cfg.http.port)
         await site.start()
         http_port = _bound_port(runner, cfg.http.port)

@@ -83,6 +83,17 @@ class HttpConfig:
     port: int = _ck(8080, "HTTP port.", min=0, max=65535)
     auth: bool = _ck(True, "Require the bearer token (false only for loopback-only use).")
     public_host: str = _ck("", "Host name senders use from outside (empty = the request's Host).")
+    idle_timeout_s: float = _ck(
+        60.0, "A connection without a whole request (headers) this long is closed.", min=1.0
+    )
+    body_timeout_s: float = _ck(
+        60.0,
+        "An upload body that sends nothing this long is cut off (tus keeps the offset).",
+        min=1.0,
+    )
+    max_connections: int = _ck(
+        1024, "Open HTTP connections at most; more are closed at once.", min=1
+    )
     token: str = field(default="", repr=False, metadata={"doc": "", "secret": True})
 
 

@@ -6,7 +6,7 @@ for a complete DIMSE message, then sleeps 1 ms. A short sleep caps the rate of o
 (one C-STORE needs several hand-overs), a very short one burns the receiving interpreter's GIL
 on empty checks. Here each sleep becomes a wait that ends as soon as something arrives:
 
-- the DUL thread waits in ``select`` on its socket plus a wake-up pipe, written when another
+- the DUL thread waits in ``poll`` on its socket plus a wake-up pipe, written when another
   thread queues a primitive for it (the C-STORE response);
 - the association thread waits on an event set when the DIMSE provider completes a message or
   the DUL hands it an A-RELEASE / A-ABORT.
@@ -128,11 +128,16 @@ class DulWaiter:
         if sock is None or sock.fileno() < 0:
             time.sleep(seconds)
             return
+        # poll, not select: select() refuses descriptors >= 1024, which a gateway with many
+        # open HTTP connections hands out to new associations.
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([sock, self._pipe.read_fd], [], [], seconds)
+            poller.register(sock, select.POLLIN)
+            poller.register(self._pipe.read_fd, select.POLLIN)
+            events = poller.poll(seconds * 1000)
         except (OSError, ValueError):
             return  # the socket closed under us; pynetdicom notices on its next check
-        if self._pipe.read_fd in readable:
+        if any(fd == self._pipe.read_fd for fd, _ in events):
             self._pipe.drain()
 
 

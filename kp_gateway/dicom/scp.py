@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import shutil
 import threading
 import time
@@ -94,6 +95,21 @@ class CappedAssociationSocket(AssociationSocket):
     """
 
     max_pdu_length = 64 << 20
+
+    @property
+    def ready(self) -> bool:
+        """Whether data waits on the socket. pynetdicom asks ``select``, which fails for
+        descriptors >= 1024 and so ended every association once ~960 HTTP connections were
+        open; ``poll`` has no such limit."""
+        if self.socket is None or self._is_connected is False:
+            return False
+        poller = select.poll()
+        try:
+            poller.register(self.socket, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom does
+            return False
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.max_pdu_length:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from yarl import URL
@@ -243,8 +244,41 @@ def make_app(
     setup_gallery(app)
     if uploads is not None:
         # Routes for uploads, files, the upload page and /static/, plus the service lifecycle.
-        setup_uploads(app, uploads, storage=storage, dicom_endpoint=dicom_endpoint)
+        setup_uploads(
+            app,
+            uploads,
+            storage=storage,
+            dicom_endpoint=dicom_endpoint,
+            body_timeout_s=cfg.body_timeout_s,
+        )
     return app
 
 
-__all__ = ["make_app"]
+def limit_connections(server: web.Server, limit: int) -> None:
+    """Close connections past `limit` as they open. Runs on the loop.
+
+    aiohttp has no connection limit of its own; without one, idle connections take file
+    descriptors until the process runs out. Wraps the server's ``connection_made`` (the hook
+    aiohttp calls for each accepted connection).
+    """
+    admit = server.connection_made
+    refused = 0
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        nonlocal refused
+        admit(handler, transport)
+        if len(server.connections) > limit:
+            refused += 1
+            if refused == 1 or refused % 1000 == 0:
+                logger.warning(
+                    "HTTP connection limit of %d reached: closed %d new connections so far "
+                    "(http.max_connections)",
+                    limit,
+                    refused,
+                )
+            transport.close()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+
+
+__all__ = ["limit_connections", "make_app"]

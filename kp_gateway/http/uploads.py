@@ -61,14 +61,21 @@ class DicomEndpoint:
 SERVICE_KEY = web.AppKey("uploads", UploadService)
 STORAGE_KEY = web.AppKey("upload_storage", StorageBackend)
 ENDPOINT_KEY = web.AppKey("dicom_endpoint", DicomEndpoint)
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 
 
-def _body_read(read: BodyRead) -> BodyRead:
-    """`read`, with aiohttp's errors for a body cut off turned into ConnectionError."""
+def _body_read(request: web.Request, read: BodyRead) -> BodyRead:
+    """`read`, with aiohttp's errors for a body cut off turned into ConnectionError, and a
+    sender silent for ``http.body_timeout_s`` treated as gone (it would hold its connection
+    and upload slot forever)."""
+    idle_s = request.app[BODY_TIMEOUT_KEY]
 
     async def reading(n: int) -> bytes:
         try:
-            return await read(n)
+            async with asyncio.timeout(idle_s):
+                return await read(n)
+        except TimeoutError:
+            raise ConnectionResetError(f"no data for {idle_s:g} s") from None
         except _READ_ERRORS as exc:
             raise ConnectionResetError(str(exc) or type(exc).__name__) from exc
 
@@ -97,13 +104,13 @@ async def post_upload(request: web.Request) -> web.Response:
 
     async def copy_body(upload: Upload, writer: BodyWriter) -> Mapping[str, str] | None:
         if not multipart:
-            await writer.pump(_body_read(request.content.read))
+            await writer.pump(_body_read(request, request.content.read))
             return None
         reader = await _multipart(request)
         fields, part = await _form_fields_until_file(reader)
         if part.filename and "filename" not in query:
             upload.filename = safe_filename(part.filename)
-        await writer.pump(_body_read(part.read_chunk))
+        await writer.pump(_body_read(request, part.read_chunk))
         fields.update(await _form_fields_after_file(reader))
         # Form fields name the project/dataset too; the query string wins.
         return {**fields, **query} if fields else None
@@ -248,7 +255,7 @@ async def patch_tus(request: web.Request) -> web.Response:
         raise UnsupportedMediaError("PATCH needs Content-Type: application/offset+octet-stream")
     offset = _int_header(request, "Upload-Offset")
     try:
-        await service.append_tus(upload, offset, _body_read(request.content.read))
+        await service.append_tus(upload, offset, _body_read(request, request.content.read))
     except UploadOffsetError as exc:
         # tus 1.0: the 409 tells the client where to resume.
         return json_error(
@@ -410,9 +417,11 @@ def setup_uploads(
     *,
     storage: StorageBackend,
     dicom_endpoint: DicomEndpoint,
+    body_timeout_s: float = 60.0,
 ) -> None:
     """Add the upload routes, the page and ``/static/``; start/stop `service` with `app`."""
     app[SERVICE_KEY] = service
+    app[BODY_TIMEOUT_KEY] = body_timeout_s
     app[STORAGE_KEY] = storage
     app[ENDPOINT_KEY] = dicom_endpoint
     r = app.router
