@@ -46,6 +46,12 @@ class DicomConfig:
     max_associations: int = _ck(
         32, "Concurrent associations; more are rejected (transient).", min=1
     )
+    max_associations_per_peer: int = _ck(
+        0,
+        "Concurrent connections from one IP address (0 = three quarters of max_associations), "
+        "so one peer cannot take every slot.",
+        min=0,
+    )
     max_pdu_length_bytes: int = _ck(
         64 * MiB, "Largest PDU a peer may send; longer ones abort the association.", min=16384
     )
@@ -61,7 +67,16 @@ class DicomConfig:
         min=0.0001,
         max=10.0,
     )
-    acse_timeout_s: float = _ck(30.0, "Wait for association messages.", min=1.0)
+    acse_timeout_s: float = _ck(
+        10.0,
+        "Wait for association messages (a silent new connection is closed after it).",
+        min=1.0,
+    )
+    pdu_timeout_s: float = _ck(
+        30.0,
+        "A PDU (or a send) that makes no progress this long ends the connection.",
+        min=1.0,
+    )
     dimse_timeout_s: float = _ck(120.0, "Wait for DIMSE messages.", min=1.0)
     network_timeout_s: float = _ck(120.0, "Idle connection timeout.", min=1.0)
     admission_wait_s: float = _ck(

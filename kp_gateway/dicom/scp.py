@@ -123,8 +123,14 @@ class CappedAssociationSocket(AssociationSocket):
         while received < nr_bytes:
             if received == len(buffer):
                 buffer += bytes(min(len(buffer), nr_bytes - len(buffer)))
-            with memoryview(buffer) as view:
-                count = sock.recv_into(view[received:], len(buffer) - received)
+            try:
+                with memoryview(buffer) as view:
+                    count = sock.recv_into(view[received:], len(buffer) - received)
+            except TimeoutError:
+                raise OSError(
+                    f"no data for {sock.gettimeout()} s in the middle of a PDU "
+                    f"({received} of {nr_bytes} bytes)"
+                ) from None
             if count == 0:
                 del buffer[received:]
                 return buffer
@@ -141,6 +147,11 @@ class _RequestHandler(RequestHandler):
         # connection to the state machine twice.
         sock.__class__ = CappedAssociationSocket
         sock.max_pdu_length = server.max_pdu_length
+        # A blocking read in the middle of a PDU keeps the DUL thread from its ARTIM and idle
+        # timers: 20 bytes of an A-ASSOCIATE-RQ would hold the slot forever. With a socket
+        # timeout a PDU (or a send) that stops making progress ends the connection.
+        if sock.socket is not None:
+            sock.socket.settimeout(server.pdu_timeout_s)
         # Same for the DIMSE provider: plain C-STORE requests and responses skip pydicom.
         assoc.dimse.__class__ = FastStoreDIMSE
         # Event-driven reactor threads: woken by data, idle checks every poll_interval_s.
@@ -158,12 +169,26 @@ class _Server(ThreadedAssociationServer):
 
     max_pdu_length = 64 << 20
     max_connections = 64
+    max_per_peer = 32
+    pdu_timeout_s = 30.0
     poll_interval_s = 0.05
     spool_files: PrecreatedFiles | None = None
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        if len(self.ae.active_associations) >= self.max_connections:
+        """Runs on the acceptor thread, before a thread or an association exists."""
+        active = self.ae.active_associations
+        if len(active) >= self.max_connections:
             logger.warning("refusing connection from %s: too many connections", client_address)
+            return False
+        peer = client_address[0]
+        if sum(1 for assoc in active if assoc.requestor.address == peer) >= self.max_per_peer:
+            # One peer (a stuck sender, or an attacker) must leave room for the others.
+            logger.warning(
+                "refusing connection from %s: it holds %d connections already "
+                "(dicom.max_associations_per_peer)",
+                peer,
+                self.max_per_peer,
+            )
             return False
         return True
 
@@ -267,6 +292,10 @@ class Scp:
         self.ae._servers.append(server)
         server.max_pdu_length = self._cfg.max_pdu_length_bytes
         server.max_connections = self._cfg.max_associations * 2
+        server.max_per_peer = self._cfg.max_associations_per_peer or max(
+            1, self._cfg.max_associations * 3 // 4
+        )
+        server.pdu_timeout_s = self._cfg.pdu_timeout_s
         server.poll_interval_s = self._cfg.poll_interval_s
         server.spool_files = self._spool_files
         reactor.install_clocks()

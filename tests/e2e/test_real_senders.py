@@ -228,7 +228,7 @@ def test_association_over_the_limit_is_logged_and_counted(gateway_process: Any) 
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    gw = gateway_process(dicom__max_associations=2)
+    gw = gateway_process(dicom__max_associations=2, dicom__max_associations_per_peer=3)
     ae = AE(ae_title="kp-holder")
     ae.add_requested_context(Verification)
     held = [ae.associate("127.0.0.1", gw.dicom_port, ae_title="kp-admin") for _ in range(2)]
