@@ -12,7 +12,7 @@ from typing import Any
 
 from kp_gateway import __version__
 from kp_gateway.config import load
-from kp_gateway.errors import ConfigError, DataDirLockedError
+from kp_gateway.errors import ConfigError, DataDirLockedError, IncompatibleDependencyError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return asyncio.run(serve(cfg))
-    except DataDirLockedError as exc:
+    except (DataDirLockedError, IncompatibleDependencyError) as exc:
         print(f"kp-gateway: {exc}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,7 @@
     GatewayError
     ├── ConfigError(GatewayError, ValueError)   start-up only; names the dotted key; exit code 2
     ├── DataDirLockedError                      another serve or reindex holds storage.path; exit 2
+    ├── IncompatibleDependencyError             an installed library is not the version relied on
     ├── RejectedInputError                      the sender's fault; never retried
     │   ├── InvalidDicomError                   undecodable, no SOP UIDs, bad file meta, cut off
     │   │   └── DatasetMismatchError            C-STORE dataset UIDs differ from the request's
@@ -43,6 +44,10 @@ class ConfigError(GatewayError, ValueError):
 
 class DataDirLockedError(GatewayError):
     """Another kp-gateway process (serve or reindex) holds the data directory's lock."""
+
+
+class IncompatibleDependencyError(GatewayError):
+    """An installed library is not the version whose internals the gateway relies on."""
 
 
 class RejectedInputError(GatewayError):

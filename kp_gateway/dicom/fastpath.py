@@ -11,7 +11,8 @@ own encoding.
 
 The same goes for the file meta header pynetdicom writes in front of each dataset it receives
 in chunked mode: it builds a pydicom FileMetaDataset and runs pydicom's generic writer for six
-fixed elements. :func:`install_file_meta_writer` swaps in an encoder of those elements
+fixed elements. :func:`write_file_meta` (installed by :mod:`~kp_gateway.dicom.patches`)
+encodes those elements
 (:func:`~kp_gateway.dicom.part10.encode_file_meta`); a unit test checks its bytes against
 pydicom's.
 
@@ -25,8 +26,9 @@ the primitive against pynetdicom's own decoding.
 
 And the file itself: pynetdicom creates it with ``tempfile.NamedTemporaryFile`` when the
 dataset's first fragment arrives, which costs 0.5 to 1 ms on the receive path (measured).
-:func:`install_spool_file_factory` lets an association's DUL thread take a file created ahead
-of time instead (:class:`~kp_gateway.dicom.receive_files.PrecreatedFiles`).
+:func:`named_temporary_file` (installed by :mod:`~kp_gateway.dicom.patches`) lets an
+association's DUL thread take a file created ahead of time instead
+(:class:`~kp_gateway.dicom.receive_files.PrecreatedFiles`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-import pynetdicom.dimse_messages as pynetdicom_dimse_messages
 from pydicom.filewriter import write_file_meta_info as pydicom_write_file_meta_info
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -278,26 +279,17 @@ class FastStoreDIMSE(DIMSEServiceProvider):
         return encoded
 
 
-def _create_plain_file_meta(
+def create_plain_file_meta(
     *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **more: str
 ) -> PlainFileMeta:
     return PlainFileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax), **more)
 
 
-def _write_file_meta(fp: IO[bytes], file_meta: Any, enforce_standard: bool = True) -> None:
+def write_file_meta(fp: IO[bytes], file_meta: Any, enforce_standard: bool = True) -> None:
     if isinstance(file_meta, PlainFileMeta):
         fp.write(encode_file_meta(file_meta))
     else:
         pydicom_write_file_meta_info(fp, file_meta, enforce_standard)  # type: ignore[arg-type]
-
-
-def install_file_meta_writer() -> None:
-    """Make pynetdicom's chunked receive write file meta with :func:`encode_file_meta`.
-
-    Process-wide; both names are used only where a received C-STORE dataset is spooled.
-    """
-    pynetdicom_dimse_messages.create_file_meta = _create_plain_file_meta  # type: ignore[attr-defined,assignment]
-    pynetdicom_dimse_messages.write_file_meta_info = _write_file_meta  # type: ignore[attr-defined,assignment]
 
 
 _SPOOL_FILES = "_kp_spool_files"
@@ -308,7 +300,7 @@ def use_precreated_files(dul: Any, spool_files: PrecreatedFiles) -> None:
     setattr(dul, _SPOOL_FILES, spool_files)
 
 
-def _named_temporary_file(**kwargs: Any) -> Any:
+def named_temporary_file(**kwargs: Any) -> Any:
     # pynetdicom calls this on the DUL thread of the association receiving the dataset.
     spool_files: PrecreatedFiles | None = getattr(threading.current_thread(), _SPOOL_FILES, None)
     if spool_files is None:
@@ -316,19 +308,12 @@ def _named_temporary_file(**kwargs: Any) -> Any:
     return spool_files.take()
 
 
-def install_spool_file_factory() -> None:
-    """Make pynetdicom's chunked receive take its files from :func:`use_precreated_files`.
-
-    Process-wide; associations without precreated files get ``NamedTemporaryFile`` as before.
-    """
-    pynetdicom_dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[attr-defined,assignment]
-
-
 __all__ = [
     "FastStoreDIMSE",
+    "create_plain_file_meta",
     "encode_store_response",
-    "install_file_meta_writer",
-    "install_spool_file_factory",
+    "named_temporary_file",
     "parse_store_request",
     "use_precreated_files",
+    "write_file_meta",
 ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pynetdicom.acse as pynetdicom_acse
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -58,13 +57,4 @@ def negotiate_storage_only(
     return result, roles_out
 
 
-def install() -> None:
-    """Make pynetdicom's ACSE negotiate with :func:`negotiate_storage_only`. Idempotent.
-
-    ``pynetdicom.acse`` imports ``negotiate_unrestricted`` by name and calls it when
-    ``UNRESTRICTED_STORAGE_SERVICE`` is on, so its module global is what is replaced.
-    """
-    setattr(pynetdicom_acse, "negotiate_unrestricted", negotiate_storage_only)  # noqa: B010
-
-
-__all__ = ["ABSTRACT_SYNTAX_NOT_SUPPORTED", "install", "is_storage_like", "negotiate_storage_only"]
+__all__ = ["ABSTRACT_SYNTAX_NOT_SUPPORTED", "is_storage_like", "negotiate_storage_only"]

@@ -34,13 +34,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import pynetdicom.association as pynetdicom_association
 import pynetdicom.dul as pynetdicom_dul
 
 logger = logging.getLogger(__name__)
 
-_DUL_WAITER = "_kp_dul_waiter"
-_ASSOCIATION_WAITER = "_kp_association_waiter"
+DUL_WAITER = "_kp_dul_waiter"
+ASSOCIATION_WAITER = "_kp_association_waiter"
 
 
 class _WakingQueue(queue.Queue[Any]):
@@ -192,7 +191,7 @@ def add_exit_callback(dul: Any, callback: Callable[[], None]) -> None:
     dul._kp_exit_callbacks = (*dul._kp_exit_callbacks, callback)
 
 
-class _ReactorClock:
+class ReactorClock:
     """Stands in for the ``time`` module inside pynetdicom.association or pynetdicom.dul."""
 
     def __init__(self, waiter_attribute: str) -> None:
@@ -209,25 +208,21 @@ class _ReactorClock:
         return getattr(time, name)
 
 
-def install_clocks() -> None:
-    """Route pynetdicom's reactor sleeps through the waiters. Process-wide; call at start-up."""
-    pynetdicom_association.time = _ReactorClock(_ASSOCIATION_WAITER)  # type: ignore[assignment,attr-defined]
-    pynetdicom_dul.time = _ReactorClock(_DUL_WAITER)  # type: ignore[assignment,attr-defined]
-
-
 def install(assoc: Any, idle_s: float) -> None:
     """Give a new, not yet started association and its DUL their waiters. Acceptor thread."""
     # The association and its DUL are the threads that call sleep, so the waiters hang there.
     association_waiter = AssociationWaiter(assoc, idle_s)
-    setattr(assoc, _ASSOCIATION_WAITER, association_waiter)
-    setattr(assoc.dul, _DUL_WAITER, DulWaiter(assoc.dul, idle_s, association_waiter.wake))
+    setattr(assoc, ASSOCIATION_WAITER, association_waiter)
+    setattr(assoc.dul, DUL_WAITER, DulWaiter(assoc.dul, idle_s, association_waiter.wake))
 
 
 __all__ = [
+    "ASSOCIATION_WAITER",
+    "DUL_WAITER",
     "AssociationWaiter",
     "DulWaiter",
     "ExitingDUL",
+    "ReactorClock",
     "add_exit_callback",
     "install",
-    "install_clocks",
 ]

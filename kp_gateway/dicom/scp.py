@@ -34,12 +34,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from kp_gateway.config import PROJECT_NAME_RE, DicomConfig
-from kp_gateway.dicom import negotiation, reactor
+from kp_gateway.dicom import patches, reactor
 from kp_gateway.dicom.ae_titles import parse_called_ae, parse_calling_ae
 from kp_gateway.dicom.fastpath import (
     FastStoreDIMSE,
-    install_file_meta_writer,
-    install_spool_file_factory,
     use_precreated_files,
 )
 from kp_gateway.dicom.part10 import (
@@ -248,14 +246,12 @@ class Scp:
         """Bind and serve on a background thread. Blocking (binds a socket)."""
         # Process-wide pynetdicom flags, set once here (pynetdicom has no per-AE switch).
         _config.STORE_RECV_CHUNKED_DATASET = self._cfg.receive_mode == "chunked"
-        # Each received dataset's file meta encoded directly, not by pydicom's generic writer,
-        # into a spool file created ahead of time.
-        install_file_meta_writer()
-        install_spool_file_factory()
+        # Every replaced pynetdicom global (file meta writer, spool files, negotiation, the
+        # reactor's clocks), after checking the pinned version: patches.py lists them all.
+        patches.install()
         # Private and newer storage SOP classes are storage too: accept them all, but no
         # other service (negotiation.py: pynetdicom's own rule let MWL and Q/R models in).
         _config.UNRESTRICTED_STORAGE_SERVICE = True
-        negotiation.install()
         # Identifiers carry patient data: never log them.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -298,7 +294,6 @@ class Scp:
         server.pdu_timeout_s = self._cfg.pdu_timeout_s
         server.poll_interval_s = self._cfg.poll_interval_s
         server.spool_files = self._spool_files
-        reactor.install_clocks()
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="dicom-acceptor", daemon=True

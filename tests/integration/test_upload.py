@@ -304,7 +304,8 @@ async def test_upload_bad_inputs_are_refused_and_leave_nothing(
             assert r.status == 400 and (await r.json())["error"] == "rejected_input"
         reader, writer = await asyncio.open_connection("127.0.0.1", int(ug.base.rsplit(":", 1)[1]))
         writer.write(
-            b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999999999\r\n\r\n"
+            b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 99999999999999\r\n\r\n"
         )
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")

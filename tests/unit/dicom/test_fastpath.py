@@ -22,10 +22,11 @@ from pynetdicom.presentation import PresentationContext
 
 from kp_gateway.dicom.fastpath import (
     FastStoreDIMSE,
+    create_plain_file_meta,
     encode_store_response,
-    install_file_meta_writer,
     parse_store_request,
     use_precreated_files,
+    write_file_meta,
 )
 from kp_gateway.dicom.part10 import PlainFileMeta, encode_file_meta
 from kp_gateway.dicom.receive_files import PrecreatedFiles, SpoolFile
@@ -169,7 +170,8 @@ def test_received_file_is_the_same_with_either_meta_writer(tmp_path: Path) -> No
         original = (dimse_messages.create_file_meta, dimse_messages.write_file_meta_info)
         try:
             if install:
-                install_file_meta_writer()
+                dimse_messages.create_file_meta = create_plain_file_meta
+                dimse_messages.write_file_meta_info = write_file_meta
             meta = dimse_messages.create_file_meta(
                 sop_class_uid=UID("1.2.840.10008.5.1.4.1.1.2"),
                 sop_instance_uid=UID("1.2.3.45"),
