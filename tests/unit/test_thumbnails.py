@@ -332,7 +332,7 @@ def test_render_series_thumbnail_skips_unreadable_file(tmp_path: Path) -> None:
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom at all" * 20)
     assert render_series_thumbnail([junk, _testdata("CT_small.dcm")]).strategy == "slice"
-    with pytest.raises(ValueError, match="none of the 1 files .* cannot read .* as DICOM"):
+    with pytest.raises(ValueError, match=r"none of the 1 files .* cannot read .* as DICOM"):
         render_series_thumbnail([junk])
 
 
