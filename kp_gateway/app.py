@@ -86,9 +86,9 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
         cfg, storage=storage, index=index, process_pool=pool, metrics=metrics, spool=spool
     )
     # Built before ingest starts: its hook counts recovered instances to their uploads.
-    uploads = UploadService(
-        cfg, ingest, limits=_upload_limits(cfg), nifti_importer=NiftiUploadImporter(pool)
-    )
+    # NIfTI conversion gets its own process: it must never queue ahead of header parsing.
+    nifti = NiftiUploadImporter(max_volume_bytes=cfg.upload.nifti_max_volume_bytes)
+    uploads = UploadService(cfg, ingest, limits=_upload_limits(cfg), nifti_importer=nifti)
     scp = Scp(cfg.dicom, ingest, metrics)
     series_stages = _series_stages(cfg, series_pool)
     if series_stages is not None:
@@ -133,6 +133,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
         await index.aclose()
         await storage.aclose()
         pool.shutdown(wait=True, cancel_futures=True)
+        await nifti.aclose()
         if series_pool is not None:
             series_pool.shutdown(wait=True, cancel_futures=True)
 
