@@ -72,7 +72,7 @@ async def test_aclose_kills_a_running_task_instead_of_waiting_for_it() -> None:
     processor._owns_executor = True
     pid: int = await processor._in_pool(os.getpid)
     long_call = asyncio.create_task(processor._in_pool(time.sleep, 600))
-    processor._tasks.add(long_call)  # type: ignore[arg-type]
+    processor._tasks.add(long_call)
     await asyncio.sleep(0)  # let the call reach the pool
     await processor.aclose()
     assert long_call.cancelled()
