@@ -164,7 +164,7 @@ def _check_declared_size(img: nib.Nifti1Image, path: Path, max_volume_bytes: int
 
     nibabel allocates the whole declared array before reading into it, so a 188-byte
     ``.nii.gz`` declaring 20000 x 20000 x 1000 would otherwise cost gigabytes. The voxel bytes
-    must fit the file (after ``vox_offset``; for gzip, its size times zlib's largest
+    must fit the file (after the voxel offset; for gzip, its size times zlib's largest
     expansion, 1032), and the array as loaded (8-byte floats when ``scl_slope``/``scl_inter``
     scale it) must fit `max_volume_bytes`. Pure arithmetic on the header.
     """
@@ -185,7 +185,7 @@ def _check_declared_size(img: nib.Nifti1Image, path: Path, max_volume_bytes: int
                 f"({holds} bytes)"
             )
     else:
-        holds = size - int(img.header["vox_offset"])
+        holds = size - int(img.dataobj.offset)  # type: ignore[attr-defined]
         if on_disk > holds:
             raise ConversionError(
                 f"{declared} ({on_disk} bytes), but the file holds {max(0, holds)} bytes of "
