@@ -299,7 +299,7 @@ def check_pixel_budget(
     """
     if stored is None:
         return
-    name = os.fspath(path)
+    name = os.path.basename(os.fspath(path))  # the SOP UID in storage; the error is shown short
     try:
         rows, columns = _positive(ds, "Rows"), _positive(ds, "Columns")
         samples = _positive(ds, "SamplesPerPixel", 1)
