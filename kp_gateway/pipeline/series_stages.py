@@ -703,7 +703,9 @@ class SeriesPostProcessor:
             return  # another task replaced it already, or nothing will run any more
         # The new pool is ours to shut down even when the broken one came from the app (the
         # app's shutdown of a broken pool returns at once).
-        self._executor, self._owns_executor = make_process_pool(), True
+        # As many workers as the broken pool had (series.process_pool_size for the app's).
+        workers = int(getattr(broken, "_max_workers", 1))
+        self._executor, self._owns_executor = make_process_pool(workers), True
         broken.shutdown(wait=False, cancel_futures=True)
 
     async def _completeness(self, uid: str, paths: list[str]) -> str:
