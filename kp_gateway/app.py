@@ -105,7 +105,9 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
         spool=spool,
     )
     # Built before ingest starts: its hook counts recovered instances to their uploads.
-    uploads = _uploads(cfg, ingest, spool, storage, index, metrics, NiftiUploadImporter(pool))
+    # NIfTI conversion gets its own process: it must never queue ahead of header parsing.
+    nifti = NiftiUploadImporter(max_volume_bytes=cfg.upload.nifti_max_volume_bytes)
+    uploads = _uploads(cfg, ingest, spool, storage, index, metrics, nifti)
     scp = Scp(cfg.dicom, ingest, metrics)
     series_stages = _series_stages(cfg, series_pool)
     if series_stages is not None:
@@ -195,6 +197,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
         await index.aclose()
         await storage.aclose()
         pool.shutdown(wait=True, cancel_futures=True)
+        await nifti.aclose()
         if series_pool is not None:
             series_pool.shutdown(wait=True, cancel_futures=True)
 

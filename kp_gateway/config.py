@@ -204,6 +204,18 @@ class SeriesConfig:
     rescan_on_start: bool = _ck(
         True, "At start, redo complete series that have no thumbnail or validation."
     )
+    task_time_limit_s: float = _ck(
+        120.0,
+        "Longest one geometry or thumbnail task may run; its worker process is then killed "
+        "and replaced, and the error is recorded on the series.",
+        min=1.0,
+    )
+    max_frame_bytes: int = _ck(
+        64 * MiB,
+        "Largest decoded frame (rows x columns x samples x bytes per sample) a thumbnail "
+        "decodes; a larger image gets a thumbnail error instead of the worker's memory.",
+        min=1,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,6 +241,12 @@ class UploadConfig:
     max_member_bytes: int = _ck(8 * GiB, "Largest single zip member.", min=1)
     max_compression_ratio: float = _ck(
         200.0, "Largest uncompressed/compressed ratio (zip bombs).", min=1.0
+    )
+    nifti_max_volume_bytes: int = _ck(
+        2 * GiB,
+        "Largest voxel array one NIfTI image may declare; larger ones fail before anything "
+        "is allocated (declared sizes are also checked against the file's own size).",
+        min=1,
     )
 
 

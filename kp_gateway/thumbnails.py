@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,19 @@ ByteArray = npt.NDArray[np.uint8]
 BoolArray = npt.NDArray[np.bool_]
 RGB = tuple[int, int, int]
 
+# Largest decoded frame (rows * columns * samples * bytes per sample) a thumbnail decodes. The
+# display mapping holds about three float64 copies of a frame, so 64 MiB of 16-bit samples
+# costs the worker about 800 MB; a 4300 x 3500 radiograph is 30 MB.
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+# zlib's largest expansion (RFC 1950/1951: at most about 1032 output bytes per input byte);
+# a deflated dataset cannot hold more pixel bytes than this many times its file size.
+_DEFLATE_MAX_RATIO = 1032
+# Every frame of encapsulated Pixel Data has at least one fragment, and every fragment an
+# 8-byte item header (PS3.5 A.4), so a value of N bytes holds at most N // 8 frames.
+_ITEM_HEADER_BYTES = 8
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_DATA_TAGS = frozenset({(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)})
+_PIXEL_DATA_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"UN"})
 # A TILED_FULL level is reassembled only up to this many pixels (~50 MB as RGB); beyond that
 # one tile is shown instead of risking the worker's memory.
 _MAX_WSI_PIXELS = 4096 * 4096
@@ -107,6 +121,7 @@ def render_series_thumbnail(
     *,
     reference_paths: Sequence[PathType] = (),
     size_px: int = 300,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> Thumbnail:
     """Blocking and CPU-bound; call in a worker process.
 
@@ -118,6 +133,10 @@ def render_series_thumbnail(
         Files of the series a SEG or RTSTRUCT refers to, if they are stored.
     size_px : int, optional
         Length of the longer side of the PNG.
+    max_frame_bytes : int, optional
+        Largest decoded frame accepted. Files whose declared image is larger, or larger than
+        their stored Pixel Data can hold (see :func:`check_pixel_budget`), are skipped before
+        anything is decoded or any per-frame work starts.
 
     Returns
     -------
@@ -126,18 +145,19 @@ def render_series_thumbnail(
     Raises
     ------
     ValueError
-        If no file can be read as DICOM, or the chosen pixel data cannot be decoded.
+        If no file can be read as DICOM within those bounds, or the chosen pixel data cannot
+        be decoded.
     """
     if size_px < 1:
         raise ValueError(f"size_px must be positive, got {size_px}")
-    headers = _read_headers(paths)
+    headers = _read_headers(paths, max_frame_bytes)
     first = headers[0][1]
     sop_class_uid = str(first.get("SOPClassUID", ""))
     modality = str(first.get("Modality", "")).upper()
     if sop_class_uid == SegmentationStorage or modality == "SEG":
-        return _render_seg(headers[0], _Reference(reference_paths), size_px)
+        return _render_seg(headers[0], _Reference(reference_paths, max_frame_bytes), size_px)
     if sop_class_uid == RTStructureSetStorage or modality == "RTSTRUCT":
-        return _render_rtstruct(first, _Reference(reference_paths), size_px)
+        return _render_rtstruct(first, _Reference(reference_paths, max_frame_bytes), size_px)
     images = [(path, ds) for path, ds in headers if "Rows" in ds and "Columns" in ds]
     if not images:
         return _placeholder(first, size_px)
@@ -169,7 +189,7 @@ def referenced_series_uid(path: PathType) -> str | None:
     ValueError
         If the file cannot be read as DICOM.
     """
-    ds = _read_header(path)
+    ds, _ = _read_header(path)
     sop_class_uid = str(ds.get("SOPClassUID", ""))
     if sop_class_uid == SegmentationStorage:
         for item in ds.get("ReferencedSeriesSequence", []):
@@ -187,19 +207,127 @@ def referenced_series_uid(path: PathType) -> str | None:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _read_header(path: PathType) -> Dataset:
+@dataclass(frozen=True, slots=True)
+class _StoredPixels:
+    """Where a file's Pixel Data value lies, read from its element header (nothing decoded)."""
+
+    length: int | None  # the value's length; None when undefined (encapsulated)
+    file_bytes: int  # bytes from the value's start to the end of the file
+    deflated: bool  # offsets and lengths are in the inflated stream, not in the file
+
+
+def _read_header(path: PathType) -> tuple[Dataset, _StoredPixels | None]:
+    """The header up to Pixel Data, and where the Pixel Data value lies (None: no pixels)."""
     try:
-        try:
-            return dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            # Tolerate files written without the 128-byte preamble, but only if they parse
-            # as a composite instance.
-            ds = dcmread(path, stop_before_pixels=True, force=True)
-            if "SOPClassUID" not in ds:
-                raise
-            return ds
-    except (InvalidDicomError, OSError, EOFError) as exc:
+        with open(path, "rb") as fp:
+            try:
+                ds = dcmread(fp, stop_before_pixels=True)
+            except InvalidDicomError:
+                # Tolerate files written without the 128-byte preamble, but only if they parse
+                # as a composite instance.
+                fp.seek(0)
+                ds = dcmread(fp, stop_before_pixels=True, force=True)
+                if "SOPClassUID" not in ds:
+                    raise
+            return ds, _stored_pixels(fp, ds)
+    except (InvalidDicomError, OSError, EOFError, struct.error) as exc:
         raise ValueError(f"cannot read {os.fspath(path)} as DICOM: {exc}") from exc
+
+
+def _stored_pixels(fp: io.BufferedReader, ds: Dataset) -> _StoredPixels | None:
+    """Read the Pixel Data element header at `fp`'s position (where dcmread stopped)."""
+    file_meta = getattr(ds, "file_meta", None)
+    transfer_syntax = None if file_meta is None else file_meta.get("TransferSyntaxUID")
+    deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
+    start = fp.tell()
+    size = os.fstat(fp.fileno()).st_size
+    if deflated:
+        # dcmread stopped inside the inflated stream; only the file size bounds the pixels.
+        return _StoredPixels(None, size, deflated=True)
+    header = fp.read(12)
+    if len(header) < 8:
+        return None  # no Pixel Data element
+    little = UID(transfer_syntax).is_little_endian if transfer_syntax else True
+    endian = "<" if little else ">"
+    group, element = struct.unpack(f"{endian}HH", header[:4])
+    if (group, element) not in _PIXEL_DATA_TAGS:
+        return None  # dcmread stopped at trailing padding or the end
+    # Look at the bytes, as dcmread does: some senders write implicit VR under an explicit
+    # transfer syntax (pydicom's SC_rgb_jpeg.dcm).
+    if header[4:6] not in _PIXEL_DATA_VRS or header[6:8] != b"\0\0":
+        (length,) = struct.unpack(f"{endian}L", header[4:8])
+        value_start = start + 8
+    else:
+        (length,) = struct.unpack(f"{endian}L", header[8:12])
+        value_start = start + 12
+    return _StoredPixels(
+        None if length == _UNDEFINED_LENGTH else length, max(0, size - value_start), False
+    )
+
+
+def _positive(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"{keyword} is {value!r}; the image has no size")
+    return number
+
+
+def check_pixel_budget(
+    ds: Dataset, stored: _StoredPixels | None, path: PathType, max_frame_bytes: int
+) -> None:
+    """Refuse, before anything is allocated, an image its stored bytes or the cap cannot hold.
+
+    Pure arithmetic on the header (O(1) whatever NumberOfFrames says). The declared image is
+    ``Rows * Columns * SamplesPerPixel * BitsAllocated * NumberOfFrames``; it must fit
+
+    * native Pixel Data: in the stored value (PS3.5 8.1.1; YBR_FULL_422 holds 2/3 of it);
+    * encapsulated Pixel Data: one frame decoded within `max_frame_bytes`, and at most one
+      frame per 8 bytes of the value (every frame has a fragment with an 8-byte header);
+    * deflated datasets: one frame within `max_frame_bytes`, and the whole image within the
+      file size times zlib's largest expansion (1032).
+
+    `stored` comes from :func:`_read_header`; a file without Pixel Data (None) passes.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, what it declares and what its bytes hold.
+    """
+    if stored is None:
+        return
+    name = os.path.basename(os.fspath(path))  # the SOP UID in storage; the error is shown short
+    try:
+        rows, columns = _positive(ds, "Rows"), _positive(ds, "Columns")
+        samples = _positive(ds, "SamplesPerPixel", 1)
+        bits = _positive(ds, "BitsAllocated")
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    frames = _frame_count(ds)
+    declared = f"{rows} x {columns} x {samples} samples x {bits} bits x {frames} frames"
+    frame_bytes = rows * columns * samples * -(-bits // 8)  # decoded: 1-bit becomes a byte
+    if frame_bytes > max_frame_bytes:
+        raise ValueError(
+            f"{name}: declares {declared}; one decoded frame ({frame_bytes} bytes) exceeds "
+            f"the limit of {max_frame_bytes} bytes (series.max_frame_bytes)"
+        )
+    if stored.deflated:
+        needed, holds = frame_bytes * frames, stored.file_bytes * _DEFLATE_MAX_RATIO
+        what = f"a {stored.file_bytes}-byte deflated file inflates to at most {holds} bytes"
+    elif stored.length is None:
+        needed, holds = frames * _ITEM_HEADER_BYTES, stored.file_bytes
+        what = f"its {holds} bytes of encapsulated Pixel Data hold at most {holds // 8} frames"
+    else:
+        needed = -(-(rows * columns * samples * bits * frames) // 8)
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "YBR_FULL_422":
+            needed = needed // 3 * 2
+        holds = min(stored.length, stored.file_bytes)
+        what = f"its native Pixel Data has {holds} bytes, {needed} needed"
+    if needed > holds:
+        raise ValueError(f"{name}: declares {declared}, but {what}")
 
 
 def _frame_count(ds: Dataset) -> int:
@@ -209,16 +337,24 @@ def _frame_count(ds: Dataset) -> int:
         return 1  # a malformed IS value; the decoder will complain if it matters
 
 
-def _read_headers(paths: Sequence[PathType]) -> list[tuple[PathType, Dataset]]:
+def _read_headers(
+    paths: Sequence[PathType], max_frame_bytes: int
+) -> list[tuple[PathType, Dataset]]:
+    """Headers of the readable files whose declared image passes :func:`check_pixel_budget`."""
     headers: list[tuple[PathType, Dataset]] = []
+    first_problem = ""
     for path in paths:
         try:
-            headers.append((path, _read_header(path)))
-        except ValueError:
+            ds, stored = _read_header(path)
+            check_pixel_budget(ds, stored, path, max_frame_bytes)
+        except ValueError as exc:
             # One broken file should not cost the whole series its thumbnail.
-            logger.warning("skipping unreadable file %s", os.fspath(path), exc_info=True)
+            logger.warning("skipping file %s: %s", os.fspath(path), exc)
+            first_problem = first_problem or str(exc)
+            continue
+        headers.append((path, ds))
     if not headers:
-        raise ValueError(f"none of the {len(paths)} files can be read as DICOM")
+        raise ValueError(f"none of the {len(paths)} files can be used: {first_problem}")
     return headers
 
 
@@ -329,8 +465,17 @@ def _middle_slice(images: list[tuple[PathType, Dataset]]) -> tuple[PathType, Dat
 
 
 def _middle_frame(ds: Dataset) -> int:
+    """The middle frame by position; O(1) in NumberOfFrames unless each frame has a position.
+
+    Without one PerFrameFunctionalGroupsSequence item per frame, every frame has the same
+    plane (shared group or top level) or none, so frame order decides: the middle index.
+    With them, the loop is bounded by items actually stored in the file.
+    """
     frames = _frame_count(ds)
-    planes = [_plane(ds, i) for i in range(frames)] if frames > 1 else [None]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if frames == 1 or per_frame is None or len(per_frame) != frames:
+        return (frames - 1) // 2
+    planes = [_plane(ds, i) for i in range(frames)]
     return _middle_index(planes, range(frames))
 
 
@@ -444,9 +589,9 @@ def _placeholder(ds: Dataset, size_px: int) -> Thumbnail:
 class _Reference:
     """The frames of the referenced series, looked up by SOPInstanceUID or by position."""
 
-    def __init__(self, paths: Sequence[PathType]) -> None:
+    def __init__(self, paths: Sequence[PathType], max_frame_bytes: int) -> None:
         self.slices: list[_Slice] = []
-        for path, ds in _read_headers(paths) if paths else []:
+        for path, ds in _read_headers(paths, max_frame_bytes) if paths else []:
             for frame in range(_frame_count(ds)):
                 plane = _plane(ds, frame)
                 if plane is not None and "Rows" in ds:
@@ -579,7 +724,7 @@ def _render_seg(header: tuple[PathType, Dataset], reference: _Reference, size_px
             keys.append(sop or i if plane is None else round(float(plane.origin @ plane.normal), 2))
     if reference.slices and all(key is None for key in keys):
         logger.warning("SEG %s matches no reference slice; mask only", os.fspath(path))
-        return _render_seg(header, _Reference(()), size_px)
+        return _render_seg(header, _Reference((), 0), size_px)
     stats: dict[Any, dict[int, float]] = {}
     try:
         source = _pixel_source(path)
@@ -702,7 +847,7 @@ def _render_rtstruct(rtstruct: Dataset, reference: _Reference, size_px: int) -> 
             areas[number] = areas.get(number, 0.0) + _polygon_area(project(key, points))
     if not stats:
         logger.warning("RTSTRUCT contours match no reference slice; mask only")
-        return _render_rtstruct(rtstruct, _Reference(()), size_px)
+        return _render_rtstruct(rtstruct, _Reference((), 0), size_px)
     best = _best(stats)
     polygons = [
         (n, project(best, p)) for k, (n, p, _) in zip(keys, contours, strict=True) if k == best

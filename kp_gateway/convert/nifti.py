@@ -108,6 +108,11 @@ _PALETTE = (
     (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34),
 )  # fmt: skip
 _SOP_CLASS_BY_MODALITY = {"CT": CTImageStorage, "MR": MRImageStorage}
+# Default of upload.nifti_max_volume_bytes: a 512 x 512 x 1000 float64 volume is 2 GiB.
+DEFAULT_MAX_VOLUME_BYTES = 2 * 1024**3
+# zlib's largest expansion (RFC 1951: about 1032 output bytes per input byte). A .nii.gz cannot
+# hold more voxel bytes than this many times its own size, whatever its header declares.
+_DEFLATE_MAX_RATIO = 1032
 _IMAGE_TYPE_3 = {CTImageStorage: ("AXIAL",), MRImageStorage: ("OTHER",)}
 
 
@@ -154,7 +159,48 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
-def _load(path: Path) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.float64], nib.Nifti1Image]:
+def _check_declared_size(img: nib.Nifti1Image, path: Path, max_volume_bytes: int) -> None:
+    """Refuse, before any voxel is read, a volume the file cannot hold or the cap forbids.
+
+    nibabel allocates the whole declared array before reading into it, so a 188-byte
+    ``.nii.gz`` declaring 20000 x 20000 x 1000 would otherwise cost gigabytes. The voxel bytes
+    must fit the file (after the voxel offset; for gzip, its size times zlib's largest
+    expansion, 1032), and the array as loaded (8-byte floats when ``scl_slope``/``scl_inter``
+    scale it) must fit `max_volume_bytes`. Pure arithmetic on the header.
+    """
+    voxels = 1
+    for n in img.shape:
+        voxels *= max(0, int(n))
+    itemsize = int(img.get_data_dtype().itemsize)  # type: ignore[no-untyped-call]
+    on_disk = voxels * itemsize
+    slope, inter = img.dataobj.slope, img.dataobj.inter  # type: ignore[attr-defined]
+    loaded = voxels * max(itemsize, 8 if (slope, inter) != (1.0, 0.0) else 0)
+    size = path.stat().st_size
+    declared = f"{path.name}: header declares {'x'.join(str(int(n)) for n in img.shape)} voxels"
+    if path.name.lower().endswith(".gz"):
+        holds = size * _DEFLATE_MAX_RATIO
+        if on_disk > holds:
+            raise ConversionError(
+                f"{declared} ({on_disk} bytes), more than a {size}-byte gzip file can hold "
+                f"({holds} bytes)"
+            )
+    else:
+        holds = size - int(img.dataobj.offset)  # type: ignore[attr-defined]
+        if on_disk > holds:
+            raise ConversionError(
+                f"{declared} ({on_disk} bytes), but the file holds {max(0, holds)} bytes of "
+                "voxel data"
+            )
+    if loaded > max_volume_bytes:
+        raise ConversionError(
+            f"{declared} ({loaded} bytes loaded), more than the limit of {max_volume_bytes} "
+            "bytes (upload.nifti_max_volume_bytes)"
+        )
+
+
+def _load(
+    path: Path, max_volume_bytes: int
+) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.float64], nib.Nifti1Image]:
     """Load a NIfTI image as a 3-D array (i, j, k) and its best affine."""
     try:
         img = nib.load(path)
@@ -162,6 +208,7 @@ def _load(path: Path) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.float64],
         raise ConversionError(f"{path.name}: cannot read NIfTI: {exc}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise ConversionError(f"{path.name}: not a NIfTI-1/2 image")
+    _check_declared_size(img, path, max_volume_bytes)
     shape = tuple(int(n) for n in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -436,11 +483,16 @@ def _write(ds: Dataset, path: Path) -> None:
 
 
 def _convert_image(
-    spec: ImageSpec, case: CasePlan, ids: tuple[str, str, str], work: Path, final: Path
+    spec: ImageSpec,
+    case: CasePlan,
+    ids: tuple[str, str, str],
+    work: Path,
+    final: Path,
+    max_volume_bytes: int,
 ) -> tuple[ConvertedSeries, list[Dataset], npt.NDArray[np.float64], tuple[int, ...]]:
     """Write one image series; return it, its header-only slices, affine and shape."""
     seed, study_uid, frame_uid = ids
-    data, affine, img = _load(spec.path)
+    data, affine, img = _load(spec.path, max_volume_bytes)
     geometry = _geometry(affine, data.shape[2], spec.path.name)
     pixels = _encode(data, img, spec.path.name)
     del data
@@ -519,10 +571,11 @@ def _convert_seg(
     seed: str,
     work: Path,
     final: Path,
+    max_volume_bytes: int,
 ) -> ConvertedSeries:
     """Write the SEG of one case, referencing its first image series."""
     image, headers, image_affine, image_shape = source
-    data, affine, _img = _load(label_path)
+    data, affine, _img = _load(label_path, max_volume_bytes)
     name = label_path.name
     if tuple(data.shape) != image_shape:
         raise ConversionError(
@@ -633,7 +686,12 @@ def _staging(out_dir: Path, name: str) -> Iterator[Path]:
 
 
 def convert_case(
-    plan: NiftiPlan, case: CasePlan, out_dir: Path, *, dataset_uid_seed: str
+    plan: NiftiPlan,
+    case: CasePlan,
+    out_dir: Path,
+    *,
+    dataset_uid_seed: str,
+    max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
 ) -> list[ConvertedSeries]:
     """Convert one planned case to DICOM files under ``out_dir/<case.output_name>/``.
 
@@ -652,6 +710,9 @@ def convert_case(
     dataset_uid_seed
         Stable name of the target dataset; with the dataset folder and case id it determines
         every UID, so the same input and seed always give the same UIDs.
+    max_volume_bytes
+        Largest voxel array one image or label map may declare (see
+        :func:`_check_declared_size`); checked before anything is allocated.
 
     Returns
     -------
@@ -662,7 +723,8 @@ def convert_case(
     Raises
     ------
     ConversionError
-        Prefixed with the case id: unreadable NIfTI, 4-D data, NaN voxels, degenerate or
+        Prefixed with the case id: unreadable NIfTI, a declared size the file cannot hold
+        or over `max_volume_bytes`, 4-D data, NaN voxels, degenerate or
         sheared affines, a label map whose shape or affine differs from the image, non-integer
         labels, or a SEG highdicom refuses.
     """
@@ -676,13 +738,16 @@ def convert_case(
         with _staging(Path(out_dir), case.output_name) as work:
             first = None
             for spec in case.series:
-                converted = _convert_image(spec, case, (seed, study_uid, frame_uid), work, final)
+                ids = (seed, study_uid, frame_uid)
+                converted = _convert_image(spec, case, ids, work, final, max_volume_bytes)
                 results.append(converted[0])
                 if first is None:
                     first = converted
             if case.label is not None and case.seg is not None and first is not None:
                 try:
-                    seg = _convert_seg(case, case.seg, case.label, first, seed, work, final)
+                    seg = _convert_seg(
+                        case, case.seg, case.label, first, seed, work, final, max_volume_bytes
+                    )
                 except _NoSegment as skipped:
                     results[0] = dataclasses.replace(results[0], warnings=skipped.warnings)
                 else:

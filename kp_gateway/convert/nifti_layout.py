@@ -63,6 +63,9 @@ _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _NNUNET_FOLDERS = (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs"))
 _NNUNET_NAMES = frozenset(name for pair in _NNUNET_FOLDERS for name in pair)
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+# meta_data.json, seg_info.json and dataset.json describe tags and labels: a few KB, rarely more
+# than a few hundred KB. Anything past 16 MiB is not metadata and is refused before reading.
+_MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
 class Layout(StrEnum):
@@ -153,13 +156,26 @@ class _Loader:
 
     def json(self, path: Path) -> Any:
         def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            keys = [key for key, _ in pairs]
-            dupes = sorted({key for key in keys if keys.count(key) > 1})
+            # One pass with a set: linear in the keys (60,000 keys take milliseconds).
+            seen: set[str] = set()
+            dupes: set[str] = set()
+            for key, _ in pairs:
+                (dupes if key in seen else seen).add(key)
             if dupes:
                 # json.loads silently keeps the last one; a lost tag is worse than an error.
-                raise ConversionError(f"{self.rel(path)}: duplicate key(s) {dupes}")
+                shown = sorted(dupes)
+                more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
+                raise ConversionError(f"{self.rel(path)}: duplicate key(s) {shown[:10]}{more}")
             return dict(pairs)
 
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ConversionError(f"{self.rel(path)}: cannot read: {exc}") from exc
+        if size > _MAX_JSON_BYTES:
+            raise ConversionError(
+                f"{self.rel(path)}: {size} bytes; metadata files are limited to {_MAX_JSON_BYTES}"
+            )
         try:
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:

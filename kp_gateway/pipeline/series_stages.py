@@ -9,6 +9,11 @@ process pool, dciodvfy in subprocesses started from a dedicated thread pool. The
 module creates itself run at a lower CPU priority (nice 10), so on a busy machine the scheduler
 prefers the receiving side.
 
+Every pool task (geometry, thumbnail) runs under a time limit: a task that overruns has its
+worker process killed and the pool replaced, so one hostile series costs at most
+``task_time_limit_s`` and the next series goes on. The thumbnail refuses, before decoding, an
+image its stored bytes cannot hold (:func:`kp_gateway.thumbnails.check_pixel_budget`).
+
 A stage that fails never touches stored instances or their index rows: the failure is logged,
 recorded on the series (``00000000 ThumbnailError_keyword``, or ``00111005
 ValidationStatus_keyword`` = ``"failed: ..."`` inside ``00111001 ValidationResults_object``)
@@ -74,7 +79,12 @@ from kp_gateway.kaapana.keys import (
 )
 from kp_gateway.pipeline.core import cancel_tasks
 from kp_gateway.pipeline.process_pool import make_process_pool as worker_pool
-from kp_gateway.thumbnails import Thumbnail, referenced_series_uid, render_series_thumbnail
+from kp_gateway.thumbnails import (
+    DEFAULT_MAX_FRAME_BYTES,
+    Thumbnail,
+    referenced_series_uid,
+    render_series_thumbnail,
+)
 from kp_gateway.validation.dciodvfy import (
     SeriesValidation,
     ValidatorUnavailableError,
@@ -123,6 +133,18 @@ def _lower_thread_priority() -> None:
 def make_process_pool(workers: int = 1) -> ProcessPoolExecutor:
     """A low-priority process pool for rendering. Blocking; call at start-up."""
     return worker_pool(workers, nice=_BACKGROUND_NICE)
+
+
+def _kill_workers(executor: Executor | None) -> None:
+    """SIGKILL the worker processes of a process pool (its running calls cannot be cancelled).
+
+    The pool is broken afterwards: its pending futures fail with BrokenProcessPool.
+    """
+    if not isinstance(executor, ProcessPoolExecutor):
+        return
+    for process in list((executor._processes or {}).values()):
+        with contextlib.suppress(OSError, ValueError):
+            process.kill()
 
 
 def slice_geometry(paths: Sequence[str]) -> dict[str, Any]:
@@ -291,6 +313,10 @@ class SeriesPostProcessor:
         Retries of a failing stage: delay ``backoff * 2**(attempt-1)``, capped.
     site_timezone : str
         Shown in the report next to UTC.
+    task_time_limit_s : float
+        Longest one pool task (geometry, thumbnail) may run before its worker is killed.
+    max_frame_bytes : int
+        Largest decoded frame a thumbnail decodes (see :func:`render_series_thumbnail`).
     rescan_on_start : bool
         At start, rebuild the SEG/RTSTRUCT reference table from the index (awaited; pages
         through the SEG and RTSTRUCT series only), then in the background queue complete
@@ -323,6 +349,8 @@ class SeriesPostProcessor:
             enqueue_wait_s=cfg.enqueue_wait_s if enqueue_wait_s is None else enqueue_wait_s,
             site_timezone=site_timezone,
             rescan_on_start=cfg.rescan_on_start if rescan_on_start is None else rescan_on_start,
+            task_time_limit_s=cfg.task_time_limit_s,
+            max_frame_bytes=cfg.max_frame_bytes,
         )
 
     def __init__(
@@ -341,9 +369,15 @@ class SeriesPostProcessor:
         enqueue_wait_s: float = 30.0,
         site_timezone: str = "UTC",
         rescan_on_start: bool = True,
+        task_time_limit_s: float = 120.0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         if size_px < 1 or concurrency < 1 or queue_size < 1 or max_attempts < 1:
             raise ValueError("size_px, concurrency, queue_size and max_attempts must be positive")
+        if task_time_limit_s <= 0 or max_frame_bytes < 1:
+            raise ValueError("task_time_limit_s and max_frame_bytes must be positive")
+        self._task_time_limit_s = task_time_limit_s
+        self._max_frame_bytes = max_frame_bytes
         self._executor = executor
         self._owns_executor = executor is None
         self.size_px = size_px
@@ -624,17 +658,55 @@ class SeriesPostProcessor:
                 logger.exception("could not record the %s failure of %s", stage, uid)
 
     async def _in_pool(self, fn: Any, *args: Any) -> Any:
-        """Run a picklable call in the process pool, replacing an owned pool that broke."""
+        """Run a picklable call in the process pool under the per-task time limit.
+
+        A process pool cannot cancel a running call, so a call that overruns
+        `task_time_limit_s` has the pool's worker processes killed and the pool replaced; it
+        raises RejectedInputError (recorded, not retried: the same bytes would overrun again).
+        Calls of other series running in that pool at the moment (``concurrency`` > 1) fail
+        with BrokenProcessPool, which is retried. A pool that broke by itself is replaced
+        too. When the processor is closing, a cancelled call kills its workers, so a stop
+        never waits for a long render.
+        """
         loop = asyncio.get_running_loop()
+        executor = self._executor
+        deadline = asyncio.timeout(self._task_time_limit_s)
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            async with deadline:
+                return await loop.run_in_executor(executor, fn, *args)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # raised by the call itself
+            logger.error(
+                "%s overran its %.0f s limit; killing the series worker",
+                getattr(fn, "__name__", None) or getattr(fn, "func", fn).__name__,
+                self._task_time_limit_s,
+            )
+            self._replace_pool(executor)
+            raise RejectedInputError(
+                f"took longer than {self._task_time_limit_s:g} s "
+                "(series.task_time_limit_s); its worker process was stopped"
+            ) from None
         except BrokenProcessPool:
-            if self._owns_executor and not self._closing:
-                logger.error("thumbnail worker process died; starting a new pool")
-                broken, self._executor = self._executor, make_process_pool()
-                if broken is not None:
-                    broken.shutdown(wait=False, cancel_futures=True)
+            logger.error("series worker process died; starting a new pool")
+            self._replace_pool(executor)
             raise
+        except asyncio.CancelledError:
+            if self._closing:
+                _kill_workers(executor)
+            raise
+
+    def _replace_pool(self, broken: Executor | None) -> None:
+        """Kill `broken`'s workers and, unless closing, put a new owned pool in its place."""
+        _kill_workers(broken)
+        if broken is None or broken is not self._executor or self._closing:
+            return  # another task replaced it already, or nothing will run any more
+        # The new pool is ours to shut down even when the broken one came from the app (the
+        # app's shutdown of a broken pool returns at once).
+        # As many workers as the broken pool had (series.process_pool_size for the app's).
+        workers = int(getattr(broken, "_max_workers", 1))
+        self._executor, self._owns_executor = make_process_pool(workers), True
+        broken.shutdown(wait=False, cancel_futures=True)
 
     async def _completeness(self, uid: str, paths: list[str]) -> str:
         geometry: dict[str, Any] = await self._in_pool(slice_geometry, paths)
@@ -663,6 +735,7 @@ class SeriesPostProcessor:
                 paths,
                 reference_paths=reference_paths,
                 size_px=self.size_px,
+                max_frame_bytes=self._max_frame_bytes,
             )
             thumbnail: Thumbnail = await self._in_pool(render)
         await self._require_storage().put_bytes(f"thumbnails/{uid}.png", thumbnail.png)

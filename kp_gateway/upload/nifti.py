@@ -1,9 +1,14 @@
-"""The NIfTI importer of HTTP uploads: plan and convert in the process pool, emit case by case.
+"""The NIfTI importer of HTTP uploads: plan and convert in a worker process, emit case by case.
 
 :class:`NiftiUploadImporter` is the :data:`kp_gateway.upload.importer.NiftiImporter` the app
 installs. It runs on the event loop; planning (:func:`plan_tree`) and conversion
-(:func:`convert_case_files`) run in the ingest process pool, never in the receiving interpreter
-(a converting thread would hold the GIL against pynetdicom's receive loop).
+(:func:`convert_case_files`) run in its own one-process pool (nice 10), never in the receiving
+interpreter (a converting thread would hold the GIL against pynetdicom's receive loop) and never
+in the ingest pool (a long conversion there would delay the header parse of every received
+instance queued behind it). Uploads convert one case at a time between them; a case's memory
+is bounded by ``upload.nifti_max_volume_bytes`` and the checks of
+:func:`kp_gateway.convert.nifti.convert_case`. A worker that dies (killed for memory) costs its
+case a per-file error; the pool is replaced and the next case goes on.
 
 For every case, in plan order:
 
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from kp_gateway.errors import ConversionError
 from kp_gateway.model import Routing
+from kp_gateway.pipeline.process_pool import make_process_pool
 
 if TYPE_CHECKING:
     from kp_gateway.convert.nifti_layout import CasePlan, NiftiPlan
@@ -57,6 +63,11 @@ logger = logging.getLogger(__name__)
 _WORKSPACE_PREFIX = "nifti-"
 # The "file" of an error that concerns the tree as a whole (planning failed).
 TREE_ERROR_NAME = "(NIfTI tree)"
+# Conversion runs beside receiving: below it in CPU priority, like the series stages.
+_CONVERSION_NICE = 10
+# Default of upload.nifti_max_volume_bytes (kp_gateway.convert.nifti.DEFAULT_MAX_VOLUME_BYTES;
+# not imported from there, which would load nibabel and highdicom into the receiving process).
+_DEFAULT_MAX_VOLUME_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +95,13 @@ def plan_tree(tree: Path) -> NiftiPlan:
     return plan_nifti_tree(tree)
 
 
-def convert_case_files(plan: NiftiPlan, case: CasePlan, out_dir: Path, seed: str) -> CaseFiles:
+def convert_case_files(
+    plan: NiftiPlan,
+    case: CasePlan,
+    out_dir: Path,
+    seed: str,
+    max_volume_bytes: int = _DEFAULT_MAX_VOLUME_BYTES,
+) -> CaseFiles:
     """Convert one case into `out_dir`. Runs in a worker process.
 
     Raises ConversionError (prefixed with the case) when the case cannot be converted; the
@@ -92,7 +109,9 @@ def convert_case_files(plan: NiftiPlan, case: CasePlan, out_dir: Path, seed: str
     """
     from kp_gateway.convert.nifti import convert_case
 
-    converted = convert_case(plan, case, out_dir, dataset_uid_seed=seed)
+    converted = convert_case(
+        plan, case, out_dir, dataset_uid_seed=seed, max_volume_bytes=max_volume_bytes
+    )
     files: list[tuple[str, str]] = []
     warnings: list[str] = []
     for series in converted:
@@ -135,8 +154,11 @@ class NiftiUploadImporter:
     Parameters
     ----------
     executor
-        The ingest process pool. Planning and every case's conversion run there, one case
-        at a time per upload (header parsing of other uploads and C-STOREs interleaves).
+        Where planning and conversion run. None (the app's choice): a one-process pool of
+        its own, created at first use, replaced if its worker dies, shut down by
+        :meth:`aclose`. Never the ingest pool (module docstring).
+    max_volume_bytes
+        Largest voxel array one NIfTI image may declare (``upload.nifti_max_volume_bytes``).
     dataset_uid_seed_from
         Maps an upload's routing to the seed of every derived UID. The default
         (:func:`default_uid_seed`) makes UIDs depend on project, dataset and the paths in
@@ -145,13 +167,37 @@ class NiftiUploadImporter:
 
     def __init__(
         self,
-        executor: Executor,
+        executor: Executor | None = None,
         *,
+        max_volume_bytes: int = _DEFAULT_MAX_VOLUME_BYTES,
         dataset_uid_seed_from: Callable[[Routing], str] = default_uid_seed,
     ) -> None:
         self._executor = executor
+        self._owns_executor = executor is None
+        self._max_volume_bytes = max_volume_bytes
         self._seed_from = dataset_uid_seed_from
         self._active: set[Path] = set()
+
+    def _pool(self) -> Executor:
+        if self._executor is None:
+            # Creating the pool starts no process; the first call spawns the worker.
+            self._executor = make_process_pool(1, nice=_CONVERSION_NICE)
+        return self._executor
+
+    def _replace_broken_pool(self, broken: Executor) -> bool:
+        """Drop an owned pool whose worker died; False when the pool is not ours to replace."""
+        if not self._owns_executor:
+            return False
+        if self._executor is broken:
+            self._executor = None
+            broken.shutdown(wait=False, cancel_futures=True)
+        return True
+
+    async def aclose(self) -> None:
+        """Shut down an owned pool (waits for a running conversion). Runs on the loop."""
+        if self._owns_executor and self._executor is not None:
+            pool, self._executor = self._executor, None
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
     async def __call__(self, job: NiftiJob) -> list[tuple[str, str]]:
         """Import `job.tree`; returns per-file errors as (tree-relative path, reason).
@@ -167,7 +213,7 @@ class NiftiUploadImporter:
         self._active.add(workspace)
         try:
             try:
-                plan = await loop.run_in_executor(self._executor, plan_tree, job.tree)
+                plan = await loop.run_in_executor(self._pool(), plan_tree, job.tree)
             except ConversionError as exc:
                 logger.info("NIfTI tree of %s not imported: %s", job.routing.source_id, exc)
                 return [(TREE_ERROR_NAME, str(exc))]
@@ -191,15 +237,21 @@ class NiftiUploadImporter:
                 continue  # finished before the gateway stopped; its instances are spooled
             name = _case_name(case, plan.root)
             out_dir = workspace / f"case-{index}"
+            pool = self._pool()
             try:
                 result = await loop.run_in_executor(
-                    self._executor, convert_case_files, plan, case, out_dir, seed
+                    pool, convert_case_files, plan, case, out_dir, seed, self._max_volume_bytes
                 )
             except ConversionError as exc:
                 errors.append((name, str(exc)))
                 failed += 1
             except BrokenExecutor:
-                raise  # the pool is gone: nothing else can be converted or ingested
+                if not self._replace_broken_pool(pool):
+                    raise  # a shared pool is gone: nothing else can be converted or ingested
+                logger.error("NIfTI conversion worker died on case %s", name)
+                reason = "the conversion worker process died (out of memory?)"
+                errors.append((name, f"case {case.case_id}: {reason}"))
+                failed += 1
             # A worker-side failure that is not a conversion error (a converter bug, memory)
             # still concerns this case only: report it and go on with the next case.
             except Exception as exc:

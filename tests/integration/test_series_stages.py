@@ -426,6 +426,7 @@ async def test_series_stages_undecodable_pixels_recorded_not_blocking(
         lambda d: KEY_THUMBNAIL_ERROR in d and KEY_VALIDATION in d,
         what="thumbnail error",
     )
+    # Refused before decoding: the stored bytes cannot hold the declared image.
     assert "cannot decode pixel data" in doc[KEY_THUMBNAIL_ERROR]
     assert KEY_THUMBNAIL not in doc
     async with harness.http.get(f"/api/series/{broken.uid}") as response:

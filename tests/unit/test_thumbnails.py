@@ -332,15 +332,15 @@ def test_render_series_thumbnail_skips_unreadable_file(tmp_path: Path) -> None:
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom at all" * 20)
     assert render_series_thumbnail([junk, _testdata("CT_small.dcm")]).strategy == "slice"
-    with pytest.raises(ValueError, match="can be read as DICOM"):
+    with pytest.raises(ValueError, match=r"none of the 1 files .* cannot read .* as DICOM"):
         render_series_thumbnail([junk])
 
 
-def test_render_series_thumbnail_undecodable_pixel_data(tmp_path: Path) -> None:
-    """Pixel data that cannot be decoded raises ValueError naming the file."""
+def test_render_series_thumbnail_truncated_pixel_data(tmp_path: Path) -> None:
+    """Native Pixel Data shorter than the image is refused before decoding, naming the file."""
     path = tmp_path / "MR_truncated.dcm"
     shutil.copy(_testdata("MR_truncated.dcm"), path)
-    with pytest.raises(ValueError, match=r"cannot decode pixel data of .*MR_truncated\.dcm"):
+    with pytest.raises(ValueError, match=r"MR_truncated\.dcm: declares .* has 8130 bytes, 8192"):
         render_series_thumbnail([path])
 
 
