@@ -86,7 +86,15 @@ class DicomConfig:
         min=0.0,
     )
     min_free_bytes: int = _ck(
-        256 * MiB, "Answer 0xA700 when the spool filesystem has less free space.", min=0
+        256 * MiB,
+        "Keep this much of the data filesystem free: checked while data arrives; C-STOREs "
+        "get 0xA700 and uploads 507 below it.",
+        min=0,
+    )
+    max_dataset_bytes: int = _ck(
+        16 * GiB,
+        "Largest dataset one C-STORE may send; larger ones abort the association.",
+        min=1,
     )
 
 

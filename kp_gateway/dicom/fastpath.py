@@ -34,6 +34,7 @@ association's DUL thread take a file created ahead of time instead
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import tempfile
 import threading
@@ -59,6 +60,8 @@ _LAST_COMMAND_FRAGMENT = b"\x03"
 _PDV_OVERHEAD = 6
 # What pynetdicom writes in front of the file meta of a received dataset (PS3.10 7.1).
 _PREAMBLE_AND_PREFIX = bytes(128) + b"DICM"
+
+logger = logging.getLogger(__name__)
 
 
 def _us(element: int, value: int) -> bytes:
@@ -198,6 +201,13 @@ class FastStoreDIMSE(DIMSEServiceProvider):
                 self.dul.event_queue.put("Evt19")
                 return
             incoming.file.write(value[1:])
+            if incoming.file.too_large:
+                # An endless (or just too large) dataset: nothing can be answered until its
+                # last fragment, which may never come; abort rather than read it forever.
+                logger.warning("aborting an association: %s", incoming.file.error)
+                self.discard_incoming()
+                self.dul.event_queue.put("Evt19")
+                return
             if value[0] & 2:
                 self._finish_store(incoming)
 

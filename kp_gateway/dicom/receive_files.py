@@ -9,16 +9,35 @@ the association thread commits it; the reserve is filled by a thread of its own.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kp_gateway.pipeline.spool import unique_name
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveBudget:
+    """What one received dataset may take of the disk, enforced while it arrives.
+
+    ``max_dataset_bytes`` (0 = no limit) bounds one dataset; ``min_free_bytes`` is the reserve
+    the data filesystem keeps. Checked at each flush of a :class:`SpoolFile`, so one
+    association sending an endless dataset cannot fill the disk.
+    """
+
+    max_dataset_bytes: int = 0
+    min_free_bytes: int = 0
+
+
+class DatasetTooLargeError(OSError):
+    """The dataset being received passed ``dicom.max_dataset_bytes``."""
 
 
 class SpoolFile:
@@ -34,7 +53,9 @@ class SpoolFile:
     dataset starts without reading the file back, and counts the bytes written. A failed write
     (a full disk) is kept in :attr:`error` rather than raised on the DUL thread, where it would
     end the association without an answer; the rest of the data set is then counted, not
-    written, and the receive path answers 0xA700.
+    written, and the receive path answers 0xA700. Its :class:`ReceiveBudget` is checked at
+    each flush: past the dataset cap, or with the disk below its reserve, the file is emptied
+    and the error kept the same way (the fast path aborts the association on the cap).
     Used by one thread at a time (the DUL thread writes, then the association thread commits).
     """
 
@@ -43,14 +64,15 @@ class SpoolFile:
     _MAX_PENDING_BYTES = 1 << 20
     _MAX_PENDING_BUFFERS = 64
 
-    __slots__ = ("_pending", "_pending_bytes", "error", "fd", "head", "name", "size")
+    __slots__ = ("_pending", "_pending_bytes", "budget", "error", "fd", "head", "name", "size")
 
-    def __init__(self, name: str, fd: int) -> None:
+    def __init__(self, name: str, fd: int, budget: ReceiveBudget | None = None) -> None:
         self.name = name
         self.fd = fd
         self.size = 0
         self.head = b""
         self.error: OSError | None = None
+        self.budget = budget or _NO_BUDGET
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
@@ -99,6 +121,12 @@ class SpoolFile:
         total, self._pending_bytes = self._pending_bytes, 0
         if self.error is not None:
             return  # the file is lost already; only the size is still counted
+        over_budget = self._over_budget(total)
+        if over_budget is not None:
+            self.error = over_budget
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)  # give the disk back at once, not at the answer
+            return
         try:
             written = os.writev(self.fd, pending)
             if written < total:  # a short write (a signal, a full disk): finish it or fail
@@ -107,6 +135,31 @@ class SpoolFile:
                     rest = rest[os.write(self.fd, rest) :]
         except OSError as exc:
             self.error = exc
+
+    def _over_budget(self, incoming: int) -> OSError | None:
+        """Why `incoming` more bytes may not be written, or None. One fstatvfs."""
+        limit = self.budget.max_dataset_bytes
+        if limit and self.size > limit:
+            return DatasetTooLargeError(
+                errno.EFBIG,
+                f"the dataset passed dicom.max_dataset_bytes ({limit}) at {self.size} bytes",
+            )
+        reserve = self.budget.min_free_bytes
+        if reserve:
+            stat = os.fstatvfs(self.fd)
+            free = stat.f_bavail * stat.f_frsize
+            if free - incoming < reserve:
+                return OSError(
+                    errno.ENOSPC,
+                    f"the spool filesystem is below dicom.min_free_bytes ({reserve}) "
+                    f"with {free} bytes free",
+                )
+        return None
+
+    @property
+    def too_large(self) -> bool:
+        """Whether receiving stopped at the dataset cap (the peer is told by an abort)."""
+        return isinstance(self.error, DatasetTooLargeError)
 
     def sync(self, *, durable: bool = True) -> None:
         """Flush, and fsync the file's data and size when `durable`. Blocking; raises OSError,
@@ -143,11 +196,14 @@ def discard_received_file(received: Any) -> None:
         os.unlink(received.name)
 
 
-def _create_spool_file(directory: Path) -> SpoolFile:
+_NO_BUDGET = ReceiveBudget()
+
+
+def _create_spool_file(directory: Path, budget: ReceiveBudget) -> SpoolFile:
     path = str(directory / f"{unique_name()}.part")
     # Read and write: the receive path may read the head back (see part10.received_dataset_head).
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    return SpoolFile(path, os.open(path, flags, 0o600))
+    return SpoolFile(path, os.open(path, flags, 0o600), budget)
 
 
 class PrecreatedFiles:
@@ -164,10 +220,11 @@ class PrecreatedFiles:
     :meth:`take` runs on the thread that receives a dataset.
     """
 
-    def __init__(self, directory: Path, depth: int) -> None:
+    def __init__(self, directory: Path, depth: int, budget: ReceiveBudget | None = None) -> None:
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self.directory = directory
+        self.budget = budget or _NO_BUDGET
         self._ready: queue.Queue[SpoolFile] = queue.Queue(maxsize=depth)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,7 +239,7 @@ class PrecreatedFiles:
     def _fill(self) -> None:
         while not self._stopping.is_set():
             try:
-                spool_file = _create_spool_file(self.directory)
+                spool_file = _create_spool_file(self.directory, self.budget)
             except OSError:
                 # Disk trouble shows on the receive path itself (created in place); retry calmly.
                 logger.exception("could not pre-create a spool file in %s", self.directory)
@@ -213,7 +270,7 @@ class PrecreatedFiles:
         except queue.Empty:
             self.created_in_place += 1
         try:
-            return _create_spool_file(self.directory)
+            return _create_spool_file(self.directory, self.budget)
         except OSError as exc:
             # Raising here would end the receiving thread; the receive path answers 0xA700.
             logger.error("could not create a spool file in %s: %s", self.directory, exc)
@@ -232,4 +289,10 @@ class PrecreatedFiles:
                 return
 
 
-__all__ = ["PrecreatedFiles", "SpoolFile", "discard_received_file"]
+__all__ = [
+    "DatasetTooLargeError",
+    "PrecreatedFiles",
+    "ReceiveBudget",
+    "SpoolFile",
+    "discard_received_file",
+]

@@ -49,7 +49,7 @@ from kp_gateway.dicom.part10 import (
     plausible_dataset_start,
     received_dataset_head,
 )
-from kp_gateway.dicom.receive_files import PrecreatedFiles, SpoolFile
+from kp_gateway.dicom.receive_files import PrecreatedFiles, ReceiveBudget, SpoolFile
 from kp_gateway.errors import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -264,7 +264,8 @@ class Scp:
         spool.receiving.mkdir(parents=True, exist_ok=True)
         if self._cfg.receive_mode == "chunked":
             # On the data filesystem, so the spool commit is a rename, never a copy.
-            self._spool_files = PrecreatedFiles(spool.receiving, PRECREATED_SPOOL_FILES)
+            budget = ReceiveBudget(self._cfg.max_dataset_bytes, self._cfg.min_free_bytes)
+            self._spool_files = PrecreatedFiles(spool.receiving, PRECREATED_SPOOL_FILES, budget)
             self._spool_files.start()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self.handle_requested),

@@ -9,8 +9,7 @@ The disk here is the real one: the reserve is set relative to its free space at 
 from __future__ import annotations
 
 import shutil
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,25 +63,6 @@ async def test_upload_below_the_reserve_is_refused_with_507_and_nothing_kept(
             assert r.status == 503
             assert "min_free_bytes" in (await r.json())["components"]["storage"]["detail"]
     assert leftovers(gw.cfg.data_dir) == []
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 32 MiB tmpfs of its own: its free space moves only with what the test writes (the
-    shared disk's moves with every other process). Needs root, as CI and `make test` run."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (root needed): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def _streamed(total_mib: int, sent: list[int]) -> Any:
