@@ -109,9 +109,9 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
     nifti = NiftiUploadImporter(max_volume_bytes=cfg.upload.nifti_max_volume_bytes)
     uploads = _uploads(cfg, ingest, spool, storage, index, metrics, nifti)
     scp = Scp(cfg.dicom, ingest, metrics)
-    series_stages = _series_stages(cfg, series_pool)
+    series_stages = _series_stages(cfg, series_pool, storage, index, spool, metrics)
     if series_stages is not None:
-        series_stages.attach(ingest)
+        ingest.add_series_complete_hook(series_stages.on_series_complete)
     runner: web.AppRunner | None = None
     try:
         await _warm_up(pool, _pool_size(cfg))
@@ -232,11 +232,24 @@ def _uploads(
     )
 
 
-def _series_stages(cfg: Config, executor: ProcessPoolExecutor | None) -> SeriesPostProcessor | None:
+def _series_stages(
+    cfg: Config,
+    executor: ProcessPoolExecutor | None,
+    storage: StorageBackend,
+    index: IndexBackend,
+    spool: Spool,
+    metrics: Metrics,
+) -> SeriesPostProcessor | None:
     if not cfg.series.enabled:
         return None
-    return SeriesPostProcessor.from_config(
-        cfg.series, executor, site_timezone=cfg.index.site_timezone
+    return SeriesPostProcessor(
+        cfg.series,
+        storage=storage,
+        index=index,
+        scratch_dir=spool.tmp,
+        metrics=metrics,
+        executor=executor,
+        site_timezone=cfg.index.site_timezone,
     )
 
 

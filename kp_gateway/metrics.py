@@ -89,6 +89,36 @@ class Metrics:
             buckets=_IMPORT_BUCKETS,
             registry=r,
         )
+        self._series_stage_metrics(r)
+
+    # Series stages (pipeline/series_stages.py); the names are what dashboards know.
+    def _series_stage_metrics(self, r: CollectorRegistry) -> None:
+        self.series_stage_runs = Counter(
+            "kp_gateway_series_stage_runs",
+            "Series-stage runs, by stage and outcome (ok, retry, fail, unavailable).",
+            ["stage", "outcome"],
+            registry=r,
+        )
+        self.series_stage_seconds = Histogram(
+            "kp_gateway_series_stage_seconds",
+            "Time per series and stage.",
+            ["stage"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.series_stage_queue_depth = Gauge(
+            "kp_gateway_series_stage_queue_depth",
+            "Series waiting for thumbnail and validation.",
+            registry=r,
+        )
+        self.series_stage_dropped = Counter(
+            "kp_gateway_series_stage_dropped",
+            "Series not queued because the queue stayed full (redone at the next start).",
+            registry=r,
+        )
+        self.validator_available = Gauge(
+            "kp_gateway_validator_available", "1 when dciodvfy is on PATH.", registry=r
+        )
 
     def bind_queue_depths(self, depths: Callable[[], dict[str, int]]) -> None:
         """Read queue depths at scrape time instead of on every put."""

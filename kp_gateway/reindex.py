@@ -461,31 +461,21 @@ class Reindexer:
 
     async def run_series_stages(self) -> None:
         """Thumbnail, validation and completeness extras for complete series lacking them."""
+        from kp_gateway.datadir import DataDir
         from kp_gateway.metrics import Metrics
-        from kp_gateway.pipeline.ingest import IngestService
         from kp_gateway.pipeline.series_stages import SeriesPostProcessor
-        from kp_gateway.pipeline.spool import Spool
 
-        stages = SeriesPostProcessor.from_config(
+        stages = SeriesPostProcessor(
             self._cfg.series,
-            None,
+            storage=self._storage,
+            index=self._index,
+            scratch_dir=DataDir.at(self._cfg.data_dir).scratch,
+            metrics=Metrics(),
             site_timezone=self._cfg.index.site_timezone,
             # enqueue() then waits for queue space instead of dropping the series.
             enqueue_wait_s=24 * 3600.0,
             rescan_on_start=False,
         )
-        # Never started: it only lends its storage, index, metrics and spool to the stages.
-        host = IngestService(
-            self._cfg.pipeline,
-            index_cfg=self._cfg.index,
-            storage_backend=self._cfg.storage.backend,
-            storage=self._storage,
-            index=self._index,
-            process_pool=self._pool,
-            metrics=Metrics(),
-            spool=Spool(self._cfg.data_dir, fsync=self._cfg.storage.fsync),
-        )
-        stages.attach(host)
         todo = [uid async for uid in self._series_lacking_results()]
         await stages.start()
         try:

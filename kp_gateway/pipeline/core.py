@@ -97,8 +97,12 @@ class RetryPolicy:
 
 
 def classify(exc: BaseException) -> StageOutcome:
-    """RETRY for transient failures, FAIL for input or permanent backend failures."""
-    if isinstance(exc, RejectedInputError | BackendRejectedError):
+    """RETRY for transient failures, FAIL for input or permanent backend failures.
+
+    The one rule for the ingest stages and the series stages. ValueError is what decoders
+    (pydicom, numpy, Pillow) raise for bytes they cannot read: the same bytes fail again.
+    """
+    if isinstance(exc, RejectedInputError | BackendRejectedError | ValueError):
         return StageOutcome.FAIL
     if isinstance(exc, BackendUnavailableError | OSError | TimeoutError):
         return StageOutcome.RETRY

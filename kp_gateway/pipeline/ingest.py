@@ -219,6 +219,10 @@ class IngestService:
         """Call `hook` on the loop with each item as it finishes or is quarantined."""
         self.item_settled_hooks.append(hook)
 
+    def add_series_complete_hook(self, hook: SeriesHook) -> None:
+        """Await `hook(series_uid, completion_fields)` on the loop as each series completes."""
+        self.series_complete_hooks.append(hook)
+
     # -- stages ---------------------------------------------------------------------------
 
     async def _store(self, batch: list[IngestItem]) -> None:

@@ -43,10 +43,9 @@ from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequenc
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydicom import dcmread
 from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 
@@ -77,10 +76,11 @@ from kp_gateway.kaapana.keys import (
     VAL_STATUS,
     VAL_WARNINGS,
 )
-from kp_gateway.pipeline.core import cancel_tasks
+from kp_gateway.metrics import Metrics
+from kp_gateway.model import StageOutcome
+from kp_gateway.pipeline.core import RetryPolicy, cancel_tasks, classify
 from kp_gateway.pipeline.process_pool import make_process_pool as worker_pool
 from kp_gateway.thumbnails import (
-    DEFAULT_MAX_FRAME_BYTES,
     Thumbnail,
     referenced_series_uid,
     render_series_thumbnail,
@@ -92,9 +92,6 @@ from kp_gateway.validation.dciodvfy import (
     validate_series,
 )
 from kp_gateway.validation.report import render_report_html
-
-if TYPE_CHECKING:
-    from kp_gateway.pipeline.ingest import IngestService
 
 logger = logging.getLogger(__name__)
 
@@ -251,41 +248,6 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= _ERROR_TEXT_MAX else text[: _ERROR_TEXT_MAX - 3] + "..."
 
 
-def _retryable(exc: BaseException) -> bool:
-    """False for input problems that the same bytes reproduce (undecodable pixel data)."""
-    return not isinstance(exc, ValueError | RejectedInputError)
-
-
-class _StageMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.runs = Counter(
-            "kp_gateway_series_stage_runs",
-            "Series-stage runs, by stage and outcome (ok, retry, fail, unavailable).",
-            ["stage", "outcome"],
-            registry=registry,
-        )
-        self.seconds = Histogram(
-            "kp_gateway_series_stage_seconds",
-            "Time per series and stage.",
-            ["stage"],
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-            registry=registry,
-        )
-        self.queue_depth = Gauge(
-            "kp_gateway_series_stage_queue_depth",
-            "Series waiting for thumbnail and validation.",
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "kp_gateway_series_stage_dropped",
-            "Series not queued because the queue stayed full (redone at the next start).",
-            registry=registry,
-        )
-        self.validator_available = Gauge(
-            "kp_gateway_validator_available", "1 when dciodvfy is on PATH.", registry=registry
-        )
-
-
 # --- the processor ---------------------------------------------------------------------------
 
 
@@ -324,78 +286,34 @@ class SeriesPostProcessor:
         a full queue) and mask-only annotations whose referenced series is stored now.
     """
 
-    @classmethod
-    def from_config(
-        cls,
-        cfg: SeriesConfig,
-        executor: Executor | None,
-        *,
-        site_timezone: str,
-        enqueue_wait_s: float | None = None,
-        rescan_on_start: bool | None = None,
-    ) -> SeriesPostProcessor:
-        """Build from the ``[series]`` section; keyword arguments override two of its keys."""
-        return cls(
-            executor,
-            size_px=cfg.thumbnail_size_px,
-            validation_timeout_s=cfg.validation_timeout_s,
-            validation_max_instances=cfg.validation_max_instances,
-            validation_workers=cfg.validation_workers,
-            concurrency=cfg.concurrency,
-            queue_size=cfg.queue_size,
-            max_attempts=cfg.max_attempts,
-            retry_backoff_s=cfg.retry_backoff_s,
-            retry_backoff_max_s=cfg.retry_backoff_max_s,
-            enqueue_wait_s=cfg.enqueue_wait_s if enqueue_wait_s is None else enqueue_wait_s,
-            site_timezone=site_timezone,
-            rescan_on_start=cfg.rescan_on_start if rescan_on_start is None else rescan_on_start,
-            task_time_limit_s=cfg.task_time_limit_s,
-            max_frame_bytes=cfg.max_frame_bytes,
-        )
-
     def __init__(
         self,
-        executor: Executor | None = None,
+        cfg: SeriesConfig,
         *,
-        size_px: int = 300,
-        validation_timeout_s: float = 30.0,
-        validation_max_instances: int = 50,
-        validation_workers: int = 2,
-        concurrency: int = 1,
-        queue_size: int = 1024,
-        max_attempts: int = 3,
-        retry_backoff_s: float = 2.0,
-        retry_backoff_max_s: float = 60.0,
-        enqueue_wait_s: float = 30.0,
+        storage: StorageBackend,
+        index: IndexBackend,
+        scratch_dir: Path,
+        metrics: Metrics,
+        executor: Executor | None = None,
         site_timezone: str = "UTC",
-        rescan_on_start: bool = True,
-        task_time_limit_s: float = 120.0,
-        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        enqueue_wait_s: float | None = None,
+        rescan_on_start: bool | None = None,
     ) -> None:
-        if size_px < 1 or concurrency < 1 or queue_size < 1 or max_attempts < 1:
-            raise ValueError("size_px, concurrency, queue_size and max_attempts must be positive")
-        if task_time_limit_s <= 0 or max_frame_bytes < 1:
-            raise ValueError("task_time_limit_s and max_frame_bytes must be positive")
-        self._task_time_limit_s = task_time_limit_s
-        self._max_frame_bytes = max_frame_bytes
+        self._cfg = cfg
+        self._storage = storage
+        self._index = index
+        # Objects without a local file (S3) are fetched here, on the data filesystem.
+        self._scratch_dir = scratch_dir
+        self._metrics = metrics
         self._executor = executor
         self._owns_executor = executor is None
-        self.size_px = size_px
-        self._validation_timeout_s = validation_timeout_s
-        self._validation_max_instances = validation_max_instances
-        self._validation_workers = validation_workers
-        self._concurrency = concurrency
-        self._max_attempts = max_attempts
-        self._backoff_s = retry_backoff_s
-        self._backoff_max_s = retry_backoff_max_s
-        self._enqueue_wait_s = enqueue_wait_s
+        self.size_px = cfg.thumbnail_size_px
+        # One retry rule with the ingest pipeline (pipeline/core.py): backoff and classification.
+        self._retry = RetryPolicy(cfg.max_attempts, cfg.retry_backoff_s, cfg.retry_backoff_max_s)
+        self._enqueue_wait_s = cfg.enqueue_wait_s if enqueue_wait_s is None else enqueue_wait_s
         self._site_timezone = site_timezone
-        self._rescan_on_start = rescan_on_start
-        self._storage: StorageBackend | None = None
-        self._scratch_dir: Path | None = None
-        self._index: IndexBackend | None = None
-        self._metrics: _StageMetrics | None = None
-        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
+        self._rescan_on_start = cfg.rescan_on_start if rescan_on_start is None else rescan_on_start
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=cfg.queue_size)
         self._pending: dict[str, set[str]] = {}  # queued series -> stages to run
         self._again: dict[str, set[str]] = {}  # completed again while running
         self._fields: dict[str, dict[str, Any]] = {}  # latest completion fields
@@ -407,26 +325,15 @@ class SeriesPostProcessor:
         self._threads: ThreadPoolExecutor | None = None
         self._validator_available: bool | None = None
         self._closing = False
+        metrics.series_stage_queue_depth.set_function(lambda: float(len(self._pending)))
 
     # -- wiring and lifecycle -------------------------------------------------------------
 
-    def attach(self, ingest: IngestService) -> None:
-        """Use `ingest`'s storage, index and metrics registry, and hook series completion."""
-        self._storage = ingest.storage
-        self._index = ingest.index
-        # Objects without a local file (S3) are fetched here, on the data filesystem.
-        self._scratch_dir = ingest.spool.tmp
-        self._metrics = _StageMetrics(ingest.metrics.registry)
-        self._metrics.queue_depth.set_function(lambda: float(len(self._pending)))
-        ingest.series_complete_hooks.append(self.on_series_complete)
-
     async def start(self) -> None:
         """Probe dciodvfy, rebuild the reference table, start the workers and the rescan."""
-        if self._index is None or self._storage is None:
-            raise RuntimeError("attach(ingest) before start()")
         self._closing = False
         self._threads = ThreadPoolExecutor(
-            max_workers=self._concurrency,
+            max_workers=self._cfg.concurrency,
             thread_name_prefix="series-validation",
             initializer=_lower_thread_priority,
         )
@@ -435,7 +342,7 @@ class SeriesPostProcessor:
         self._set_validator_available(await asyncio.to_thread(dciodvfy_path) is not None)
         if not self._validator_available:
             logger.warning("dciodvfy not found on PATH: series will not be validated")
-        for n in range(self._concurrency):
+        for n in range(self._cfg.concurrency):
             self._spawn(self._worker(), self._tasks, f"series-stages-{n}")
         if self._rescan_on_start:
             # Awaited: a referenced series completing right after start must find its SEGs.
@@ -492,8 +399,7 @@ class SeriesPostProcessor:
 
     def _set_validator_available(self, available: bool) -> None:
         self._validator_available = available
-        if self._metrics is not None:
-            self._metrics.validator_available.set(1.0 if available else 0.0)
+        self._metrics.validator_available.set(1.0 if available else 0.0)
 
     def _spawn(
         self, coro: Coroutine[Any, Any, None], into: set[asyncio.Task[None]], name: str
@@ -546,8 +452,7 @@ class SeriesPostProcessor:
         except (TimeoutError, asyncio.QueueFull):
             self._pending.pop(series_uid, None)
             self._fields.pop(series_uid, None)
-            if self._metrics is not None:
-                self._metrics.dropped.inc()
+            self._metrics.series_stage_dropped.inc()
             logger.error("series-stage queue full; %s not queued (redone at restart)", series_uid)
             return False
         return True
@@ -620,22 +525,25 @@ class SeriesPostProcessor:
             await self._stage_failed(stage, uid, exc)
             return
         self._attempts.pop((uid, stage), None)
-        if self._metrics is not None:
-            self._metrics.runs.labels(stage=stage, outcome=outcome).inc()
-            self._metrics.seconds.labels(stage=stage).observe(time.monotonic() - started)
+        self._metrics.series_stage_runs.labels(stage=stage, outcome=outcome).inc()
+        self._metrics.series_stage_seconds.labels(stage=stage).observe(time.monotonic() - started)
 
     async def _stage_failed(self, stage: str, uid: str, exc: Exception) -> None:
         attempts = self._attempts.get((uid, stage), 0) + 1
         self._attempts[(uid, stage)] = attempts
-        retry = _retryable(exc) and attempts < self._max_attempts and not self._closing
+        retry = (
+            classify(exc) is StageOutcome.RETRY
+            and attempts < self._retry.max_attempts
+            and not self._closing
+        )
         if retry:
-            delay = min(self._backoff_max_s, self._backoff_s * 2 ** (attempts - 1))
+            delay = self._retry.delay(attempts)
             logger.warning(
                 "%s of series %s failed (attempt %d of %d), retrying in %.1f s: %s",
                 stage,
                 uid,
                 attempts,
-                self._max_attempts,
+                self._retry.max_attempts,
                 delay,
                 exc,
             )
@@ -643,8 +551,9 @@ class SeriesPostProcessor:
         else:
             logger.error("%s of series %s failed for good", stage, uid, exc_info=exc)
             self._attempts.pop((uid, stage), None)
-        if self._metrics is not None:
-            self._metrics.runs.labels(stage=stage, outcome="retry" if retry else "fail").inc()
+        self._metrics.series_stage_runs.labels(
+            stage=stage, outcome="retry" if retry else "fail"
+        ).inc()
         note = _short(exc) + (f" (attempt {attempts}, will retry)" if retry else "")
         record: dict[str, Any] | None = None
         if stage == STAGE_THUMBNAIL:
@@ -670,7 +579,7 @@ class SeriesPostProcessor:
         """
         loop = asyncio.get_running_loop()
         executor = self._executor
-        deadline = asyncio.timeout(self._task_time_limit_s)
+        deadline = asyncio.timeout(self._cfg.task_time_limit_s)
         try:
             async with deadline:
                 return await loop.run_in_executor(executor, fn, *args)
@@ -680,11 +589,11 @@ class SeriesPostProcessor:
             logger.error(
                 "%s overran its %.0f s limit; killing the series worker",
                 getattr(fn, "__name__", None) or getattr(fn, "func", fn).__name__,
-                self._task_time_limit_s,
+                self._cfg.task_time_limit_s,
             )
             self._replace_pool(executor)
             raise RejectedInputError(
-                f"took longer than {self._task_time_limit_s:g} s "
+                f"took longer than {self._cfg.task_time_limit_s:g} s "
                 "(series.task_time_limit_s); its worker process was stopped"
             ) from None
         except BrokenProcessPool:
@@ -735,7 +644,7 @@ class SeriesPostProcessor:
                 paths,
                 reference_paths=reference_paths,
                 size_px=self.size_px,
-                max_frame_bytes=self._max_frame_bytes,
+                max_frame_bytes=self._cfg.max_frame_bytes,
             )
             thumbnail: Thumbnail = await self._in_pool(render)
         await self._require_storage().put_bytes(f"thumbnails/{uid}.png", thumbnail.png)
@@ -767,9 +676,9 @@ class SeriesPostProcessor:
         run = functools.partial(
             validate_series,
             pairs,
-            timeout_s=self._validation_timeout_s,
-            max_instances=self._validation_max_instances,
-            workers=self._validation_workers,
+            timeout_s=self._cfg.validation_timeout_s,
+            max_instances=self._cfg.validation_max_instances,
+            workers=self._cfg.validation_workers,
         )
         try:
             result: SeriesValidation = await loop.run_in_executor(self._threads, run)
@@ -807,13 +716,9 @@ class SeriesPostProcessor:
     # -- helpers --------------------------------------------------------------------------
 
     def _require_index(self) -> IndexBackend:
-        if self._index is None:
-            raise RuntimeError("attach(ingest) first")
         return self._index
 
     def _require_storage(self) -> StorageBackend:
-        if self._storage is None:
-            raise RuntimeError("attach(ingest) first")
         return self._storage
 
     @contextlib.asynccontextmanager
@@ -834,8 +739,7 @@ class SeriesPostProcessor:
             yield [str(path) for path in local]
             return
         scratch = self._scratch_dir
-        if scratch is not None:
-            await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)
         tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="series-", dir=scratch)
         try:
             limit = asyncio.Semaphore(_FETCH_CONCURRENCY)

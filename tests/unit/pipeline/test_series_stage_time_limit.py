@@ -9,11 +9,30 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kp_gateway.errors import RejectedInputError
+from kp_gateway.backends.fs import FsStorage
+from kp_gateway.backends.sqlite import SqliteIndex
+from kp_gateway.config import SeriesConfig, load
+from kp_gateway.errors import ConfigError, RejectedInputError
+from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor, make_process_pool
+
+
+def _processor(tmp_path: Path, executor: Executor | None = None, **cfg: Any) -> SeriesPostProcessor:
+    """A processor over real (unopened) backends: only its pool is exercised here."""
+    return SeriesPostProcessor(
+        SeriesConfig(**cfg),
+        storage=FsStorage(tmp_path / "data"),
+        index=SqliteIndex(tmp_path / "index.sqlite3"),
+        scratch_dir=tmp_path / "scratch",
+        metrics=Metrics(),
+        executor=executor,
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -33,9 +52,9 @@ async def _wait_dead(pid: int, deadline_s: float = 20.0) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_in_pool_overrun_kills_worker_and_next_call_runs_in_a_new_one() -> None:
+async def test_in_pool_overrun_kills_worker_and_next_call_runs_in_a_new_one(tmp_path: Path) -> None:
     """An overrun raises RejectedInputError naming the setting; the worker dies; work goes on."""
-    processor = SeriesPostProcessor(task_time_limit_s=2.0)
+    processor = _processor(tmp_path, task_time_limit_s=2.0)
     processor._executor = make_process_pool()
     processor._owns_executor = True
     try:
@@ -50,10 +69,10 @@ async def test_in_pool_overrun_kills_worker_and_next_call_runs_in_a_new_one() ->
 
 
 @pytest.mark.timeout(60)
-async def test_in_pool_overrun_replaces_a_pool_it_does_not_own() -> None:
+async def test_in_pool_overrun_replaces_a_pool_it_does_not_own(tmp_path: Path) -> None:
     """The app's series pool is replaced too (before, a broken app pool failed every call)."""
     app_pool = make_process_pool()
-    processor = SeriesPostProcessor(app_pool, task_time_limit_s=2.0)
+    processor = _processor(tmp_path, app_pool, task_time_limit_s=2.0)
     try:
         with pytest.raises(RejectedInputError):
             await processor._in_pool(time.sleep, 600)
@@ -65,9 +84,9 @@ async def test_in_pool_overrun_replaces_a_pool_it_does_not_own() -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_aclose_kills_a_running_task_instead_of_waiting_for_it() -> None:
+async def test_aclose_kills_a_running_task_instead_of_waiting_for_it(tmp_path: Path) -> None:
     """Stopping while a long render runs ends that worker; aclose does not wait 600 s."""
-    processor = SeriesPostProcessor(task_time_limit_s=1000.0)
+    processor = _processor(tmp_path, task_time_limit_s=1000.0)
     processor._executor = make_process_pool()
     processor._owns_executor = True
     pid: int = await processor._in_pool(os.getpid)
@@ -81,5 +100,5 @@ async def test_aclose_kills_a_running_task_instead_of_waiting_for_it() -> None:
 
 def test_time_limit_must_be_positive() -> None:
     """A zero limit is a configuration mistake, not "no limit"."""
-    with pytest.raises(ValueError, match="task_time_limit_s"):
-        SeriesPostProcessor(task_time_limit_s=0)
+    with pytest.raises(ConfigError, match="task_time_limit_s"):
+        load(None, environ={}, overrides={"series.task_time_limit_s": 0})
