@@ -108,7 +108,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
     # NIfTI conversion gets its own process: it must never queue ahead of header parsing.
     nifti = NiftiUploadImporter(max_volume_bytes=cfg.upload.nifti_max_volume_bytes)
     uploads = _uploads(cfg, ingest, spool, storage, index, metrics, nifti)
-    scp = Scp(cfg.dicom, ingest, metrics)
+    scp = Scp(cfg.dicom, intake=ingest, spool=spool, metrics=metrics)
     series_stages = _series_stages(cfg, series_pool, storage, index, spool, metrics)
     if series_stages is not None:
         ingest.add_series_complete_hook(series_stages.on_series_complete)

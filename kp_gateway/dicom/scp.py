@@ -1,7 +1,8 @@
 """The C-STORE SCP: pynetdicom AE, AE-title routing, the receive path and the bridge to the loop.
 
 Handlers named ``handle_*`` run on pynetdicom's association threads. They reach the event loop
-only through :class:`~kp_gateway.pipeline.ingest.IngestService`'s thread-safe bridge.
+only through the :class:`~kp_gateway.pipeline.ingest.ThreadIntake` they are given (admission,
+the end of a source, the project lookup), and write only into the :class:`Spool`.
 
 The receive path never decodes the dataset: pynetdicom writes the received bytes into a spool
 file on our filesystem (chunked mode, flat memory) or hands them over in memory; we fsync the
@@ -61,7 +62,8 @@ from kp_gateway.errors import (
 )
 from kp_gateway.metrics import Metrics
 from kp_gateway.model import IngestItem, Routing
-from kp_gateway.pipeline.ingest import IngestService
+from kp_gateway.pipeline.ingest import ThreadIntake
+from kp_gateway.pipeline.spool import Spool
 from kp_gateway.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -200,9 +202,12 @@ class _AssociationState:
 class Scp:
     """The DICOM listener; :meth:`start` and :meth:`stop` are called from the loop."""
 
-    def __init__(self, cfg: DicomConfig, ingest: IngestService, metrics: Metrics) -> None:
+    def __init__(
+        self, cfg: DicomConfig, *, intake: ThreadIntake, spool: Spool, metrics: Metrics
+    ) -> None:
         self._cfg = cfg
-        self._ingest = ingest
+        self._intake = intake
+        self._spool = spool
         self._metrics = metrics
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -259,7 +264,7 @@ class Scp:
         # (a few per cent of the receiving interpreter); bind them only when it would show.
         pynetdicom_logs = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
         _config.LOG_HANDLER_LEVEL = "standard" if pynetdicom_logs else "none"
-        spool = self._ingest.spool
+        spool = self._spool
         spool.tmp.mkdir(parents=True, exist_ok=True)
         spool.receiving.mkdir(parents=True, exist_ok=True)
         if self._cfg.receive_mode == "chunked":
@@ -327,10 +332,7 @@ class Scp:
     # -- association lifecycle (association threads) -------------------------------------
 
     def _project_exists(self, name: str) -> bool:
-        loop = self._ingest.loop
-        assert loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._ingest.index.project_exists(name), loop)
-        return bool(future.result(timeout=10.0))
+        return self._intake.project_exists_from_thread(name, timeout_s=10.0)
 
     def handle_requested(self, event: evt.Event) -> None:
         """Route the association by AE titles; reject an unknown project (A-ASSOCIATE-RJ).
@@ -417,7 +419,7 @@ class Scp:
             return
         self._metrics.active_associations.dec()
         source_id = state.routing.source_id
-        self._ingest.call_from_thread(lambda: self._ingest.source_closed(source_id))
+        self._intake.source_closed_from_thread(source_id)
 
     def handle_echo(self, event: evt.Event) -> int:
         """C-ECHO: always success. Runs on an association thread."""
@@ -430,7 +432,7 @@ class Scp:
         if now - self._free_checked_at > 1.0:
             self._free_checked_at = now
             try:
-                free = shutil.disk_usage(self._ingest.spool.root).free
+                free = shutil.disk_usage(self._spool.root).free
                 self._free_ok = free >= self._cfg.min_free_bytes
             except OSError:
                 self._free_ok = False
@@ -465,10 +467,10 @@ class Scp:
                 str(event.context.transfer_syntax),
             )
             if state.folder is None:
-                state.folder = self._ingest.spool.open_source(state.routing)
-            spooled, size = self._spool(event, state.folder, requested)
+                state.folder = self._spool.open_source(state.routing)
+            spooled, size = self._spool_received(event, state.folder, requested)
             item = IngestItem(spooled, state.routing, time.time())
-            self._ingest.submit_from_thread(item, self._cfg.admission_wait_s)
+            self._intake.submit_from_thread(item, self._cfg.admission_wait_s)
             self._received_bytes.inc(size)
             self._received_instances.inc()
             self._cstore_success.inc()
@@ -486,10 +488,10 @@ class Scp:
             self._metrics.cstore_total.labels(status=f"0x{status:04X}").inc()
             return status
 
-    def _spool(
+    def _spool_received(
         self, event: evt.Event, folder: Path, requested: _RequestedInstance
     ) -> tuple[Path, int]:
-        spool = self._ingest.spool
+        spool = self._spool
         if self._cfg.receive_mode == "chunked":
             received = cast(Any, event.request)._dataset_file
             if isinstance(received, SpoolFile):
@@ -514,7 +516,7 @@ class Scp:
         self, received: SpoolFile, folder: Path, requested: _RequestedInstance
     ) -> tuple[Path, int]:
         # The usual case: a precreated file, still open, whose first bytes are in memory.
-        spool = self._ingest.spool
+        spool = self._spool
         try:
             if received.error is not None:
                 raise received.error
@@ -534,7 +536,7 @@ class Scp:
         self, received: Path, folder: Path, requested: _RequestedInstance
     ) -> tuple[Path, int]:
         # A file pynetdicom created itself (no precreated file was handed to this association).
-        spool = self._ingest.spool
+        spool = self._spool
         try:
             # One descriptor for the sniff and the fsync: this runs once per C-STORE.
             fd = os.open(received, os.O_RDONLY)

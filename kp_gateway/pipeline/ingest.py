@@ -55,6 +55,19 @@ class Intake(Protocol):
     def add_item_settled_hook(self, hook: ItemHook) -> None: ...
 
 
+class ThreadIntake(Protocol):
+    """What the DICOM receive path, on association threads, needs of the pipeline and index.
+
+    :class:`IngestService` is the implementation; the SCP gets it as this narrow interface.
+    """
+
+    def submit_from_thread(self, item: IngestItem, timeout_s: float) -> None: ...
+
+    def source_closed_from_thread(self, source_id: str) -> None: ...
+
+    def project_exists_from_thread(self, name: str, timeout_s: float) -> bool: ...
+
+
 class _MetricsObserver(StageObserver[IngestItem]):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -350,10 +363,17 @@ class IngestService:
         # ahead of the association's close, which reaches the loop later.
         self.tracker.source_item_admitted(item.routing.source_id)
 
-    def call_from_thread(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the loop soon. Runs on any thread."""
+    def source_closed_from_thread(self, source_id: str) -> None:
+        """:meth:`source_closed`, soon, on the loop. Runs on any thread."""
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(fn)
+            self.loop.call_soon_threadsafe(self.source_closed, source_id)
+
+    def project_exists_from_thread(self, name: str, timeout_s: float) -> bool:
+        """Ask the index, on the loop, whether project `name` exists. Runs on an association
+        thread; raises TimeoutError past `timeout_s`, BackendError as the index does."""
+        assert self.loop is not None
+        future = asyncio.run_coroutine_threadsafe(self.index.project_exists(name), self.loop)
+        return bool(future.result(timeout=timeout_s))
 
 
-__all__ = ["IngestService", "Intake", "ItemHook", "Routing"]
+__all__ = ["IngestService", "Intake", "ItemHook", "Routing", "ThreadIntake"]
