@@ -96,14 +96,16 @@ def write_rle_header(path: Path, rows: int = 20000, columns: int = 20000) -> Pat
 def _peak_rss_mib_of_render(path: Path) -> tuple[float, str]:
     """Render `path` in a fresh interpreter; its peak RSS in MiB and the error it raised."""
     script = (
-        "import resource, sys\n"
+        "import sys\n"
         "from kp_gateway.thumbnails import render_series_thumbnail\n"
         "try:\n"
         "    render_series_thumbnail([sys.argv[1]])\n"
         "    outcome = 'rendered'\n"
         "except ValueError as exc:\n"
         "    outcome = str(exc)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (pytest,
+        # which may hold a GiB by then) across exec; the new memory map's peak starts fresh.
+        "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024)\n"
         "print(outcome)\n"
     )
     done = subprocess.run(
