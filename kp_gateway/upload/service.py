@@ -284,8 +284,13 @@ class UploadService:
                 logger.info("resuming the import of upload %s", upload.id)
                 await self._save(upload)
                 self._spawn_import(upload)
-        for loop, name in ((self._flush_loop, "flusher"), (self._expiry_loop, "tus-expiry")):
-            self._background.add(asyncio.create_task(loop(), name=f"upload-{name}"))
+        # Unfinished tus uploads expire while running, not only at the next start.
+        expiry_sweep_s = min(self.cfg.tus_expiry_s / 4, _EXPIRY_SWEEP_MAX_S)
+        for job in (
+            self._every(_SAVE_INTERVAL_S, self._flush_dirty, "writing upload status"),
+            self._every(expiry_sweep_s, self.expire_unfinished, "removing expired uploads"),
+        ):
+            self._background.add(asyncio.create_task(job))
 
     async def _recover_receiving(self, upload: Upload) -> None:
         body, part = self._body(upload.id), self._part(upload.id)
@@ -353,24 +358,15 @@ class UploadService:
                 await self._save(upload)
             self._dirty.discard(upload_id)
 
-    async def _flush_loop(self) -> None:
+    @staticmethod
+    async def _every(interval_s: float, job: Callable[[], Awaitable[object]], what: str) -> None:
+        """Run `job` every `interval_s` until cancelled; a disk error is logged and retried."""
         while True:
-            await asyncio.sleep(_SAVE_INTERVAL_S)
+            await asyncio.sleep(interval_s)
             try:
-                await self._flush_dirty()
+                await job()
             except OSError:
-                logger.exception("writing upload status failed; will retry")
-
-    async def _expiry_loop(self) -> None:
-        """Fail unfinished tus uploads idle past ``tus_expiry_s`` and free their bytes, while
-        running (not only at the next start)."""
-        interval = min(self.cfg.tus_expiry_s / 4, _EXPIRY_SWEEP_MAX_S)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.expire_unfinished()
-            except OSError:
-                logger.exception("removing expired uploads failed; will retry")
+                logger.exception("%s failed; will retry", what)
 
     async def expire_unfinished(self) -> int:
         """Fail and trim every unfinished tus upload idle past ``tus_expiry_s``; their count.
