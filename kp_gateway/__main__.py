@@ -22,18 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kp-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the DICOM listener and the HTTP server")
-    serve.add_argument("-c", "--config", help="a config.toml (every key is optional)")
-    serve.add_argument("--data-dir", help="shortcut for storage.path")
+    _config_options(serve)
     serve.add_argument("--dicom-port", type=int, help="shortcut for dicom.port")
     serve.add_argument("--http-port", type=int, help="shortcut for http.port")
-    serve.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override any config key (repeatable)",
-    )
-    serve.add_argument("--log-level", help="shortcut for logging.level")
     sub.add_parser("check-config", help="validate the configuration and print it").add_argument(
         "-c", "--config"
     )
@@ -44,16 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "Resumes after the last committed object of an interrupted run. The gateway must not "
         "run on the same data directory or index meanwhile (the data directory is locked).",
     )
-    reindex.add_argument("-c", "--config", help="a config.toml (every key is optional)")
-    reindex.add_argument("--data-dir", help="shortcut for storage.path")
-    reindex.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override any config key (repeatable)",
-    )
-    reindex.add_argument("--log-level", help="shortcut for logging.level")
+    _config_options(reindex)
     reindex.add_argument(
         "--restart", action="store_true", help="ignore the checkpoint of an interrupted run"
     )
@@ -63,6 +45,20 @@ def _parser() -> argparse.ArgumentParser:
         help="do not render thumbnails and validate (the gateway's start-up rescan does it)",
     )
     return parser
+
+
+def _config_options(command: argparse.ArgumentParser) -> None:
+    """The options every command that loads the configuration takes."""
+    command.add_argument("-c", "--config", help="a config.toml (every key is optional)")
+    command.add_argument("--data-dir", help="shortcut for storage.path")
+    command.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
+    command.add_argument("--log-level", help="shortcut for logging.level")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
