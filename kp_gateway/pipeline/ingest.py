@@ -121,24 +121,15 @@ class IngestService:
         self.series_complete_hooks: list[SeriesHook] = []
         self.item_settled_hooks: list[ItemHook] = []
         p = cfg
+        # (name, handler, workers, batch_max): every stage shares the queue size and linger.
+        stages = (
+            ("store", self._store, p.store_workers, p.store_batch_max),
+            ("index", self._index, p.index_workers, index_cfg.batch_max_items),
+        )
         self.pipeline: Pipeline[IngestItem] = Pipeline(
             [
-                Stage(
-                    "store",
-                    self._store,
-                    workers=p.store_workers,
-                    queue_size=p.queue_size,
-                    batch_max=p.store_batch_max,
-                    linger_s=p.batch_linger_s,
-                ),
-                Stage(
-                    "index",
-                    self._index,
-                    workers=p.index_workers,
-                    queue_size=p.queue_size,
-                    batch_max=index_cfg.batch_max_items,
-                    linger_s=p.batch_linger_s,
-                ),
+                Stage(name, handler, workers, p.queue_size, batch_max, p.batch_linger_s)
+                for name, handler, workers, batch_max in stages
             ],
             retry=RetryPolicy(p.max_attempts, p.retry_backoff_s, p.retry_backoff_max_s),
             on_finished=self._finished,
