@@ -45,6 +45,7 @@ from kp_gateway.http.appkeys import (
     STORAGE_KEY,
     TOKEN_KEY,
     Health,
+    PipelineHealth,
 )
 from kp_gateway.http.health import get_live, get_metrics, get_ready
 from kp_gateway.http.pages import setup_gallery
@@ -59,7 +60,6 @@ from kp_gateway.http.security import (
 from kp_gateway.http.uploads import TUS_BASE, TUS_VERSION, DicomEndpoint, setup_uploads
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.metrics import Metrics
-from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from kp_gateway.upload.service import UploadService
 
@@ -196,7 +196,7 @@ def make_app(
     *,
     index: IndexBackend,
     storage: StorageBackend,
-    pipeline: IngestService,
+    pipeline: PipelineHealth,
     metrics: Metrics,
     token: str,
     health: Health,

@@ -9,13 +9,13 @@ Each key holds exactly what handlers use (the index, the storage, the metrics re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from kp_gateway.backends.base import IndexBackend, StorageBackend
 from kp_gateway.config import HttpConfig
-from kp_gateway.pipeline.ingest import IngestService
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 
 
@@ -33,8 +33,15 @@ STORAGE_KEY = web.AppKey("storage", StorageBackend)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 # Projects the API refuses to delete: admin and the DICOM default project.
 PROTECTED_PROJECTS_KEY = web.AppKey("protected_projects", frozenset)
-# Asked only for its readiness (pipeline state); see IngestService.readiness.
-PIPELINE_KEY = web.AppKey("pipeline", IngestService)
+
+
+class PipelineHealth(Protocol):
+    """What ``/health/ready`` asks the pipeline (IngestService.readiness)."""
+
+    def readiness(self) -> dict[str, Any]: ...
+
+
+PIPELINE_KEY = web.AppKey("pipeline", PipelineHealth)
 # Below this much free storage the gateway refuses C-STOREs, so it is not ready either.
 MIN_FREE_BYTES_KEY = web.AppKey("min_free_bytes", int)
 TOKEN_KEY = web.AppKey("token", str)
@@ -54,4 +61,5 @@ __all__ = [
     "STORAGE_KEY",
     "TOKEN_KEY",
     "Health",
+    "PipelineHealth",
 ]

@@ -113,11 +113,11 @@ class IngestService:
         self._cfg = cfg
         self._index_cfg = index_cfg
         self._storage_backend = storage_backend  # the metrics' backend label
-        self.storage = storage
-        self.index = index
+        self._storage = storage
+        self._index_backend = index
         self._pool = process_pool
-        self.metrics = metrics
-        self.spool = spool
+        self._metrics = metrics
+        self._spool = spool
         self.series_complete_hooks: list[SeriesHook] = []
         self.item_settled_hooks: list[ItemHook] = []
         p = cfg
@@ -148,16 +148,16 @@ class IngestService:
     async def start(self) -> None:
         """Start workers and the completion tracker, then re-queue what a crash left behind."""
         self.loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.spool.create)
+        await asyncio.to_thread(self._spool.create)
         self.pipeline.start()
         self.tracker.start()
-        for uid in await self.index.incomplete_series():
+        for uid in await self._index_backend.incomplete_series():
             self.tracker.track_existing(uid)
         await self.recover()
 
     async def recover(self) -> int:
         """Submit every acknowledged but unfinished instance found in the spool."""
-        pending = await asyncio.to_thread(self.spool.pending)
+        pending = await asyncio.to_thread(self._spool.pending)
         count = 0
         for routing, files in pending:
             for path in files:
@@ -254,8 +254,8 @@ class IngestService:
                 # The pipeline splits the batch: parsed items go on, the bad one is retried
                 # alone and quarantined.
                 raise failure
-        async with _measured(self.metrics, self._storage_backend, "put"):
-            await self.storage.put_files(
+        async with _measured(self._metrics, self._storage_backend, "put"):
+            await self._storage.put_files(
                 [(item.record.storage_key, item.spool_path) for item in batch if item.record]
             )
 
@@ -267,8 +267,8 @@ class IngestService:
             records.append(IndexedInstance(item.record, item.routing, item.received_at))
         # Before the commit: the index must never know a mapping that reindex cannot rebuild.
         await self._write_routing_records(batch)
-        async with _measured(self.metrics, self._index_cfg.backend, "write"):
-            await self.index.write_instances(records)
+        async with _measured(self._metrics, self._index_cfg.backend, "write"):
+            await self._index_backend.write_instances(records)
         # Committed: the spool copies are no longer needed.
         await asyncio.to_thread(self._discard_spool_files, [i.spool_path for i in batch])
 
@@ -291,7 +291,7 @@ class IngestService:
             return
         await asyncio.gather(
             *(
-                self.storage.put_bytes(routing_record_key(*combo), routing_record(item))
+                self._storage.put_bytes(routing_record_key(*combo), routing_record(item))
                 for combo, item in due.items()
             )
         )
@@ -300,7 +300,7 @@ class IngestService:
 
     def _discard_spool_files(self, paths: list[Path]) -> None:
         for path in paths:
-            self.spool.discard(path)
+            self._spool.discard(path)
 
     async def _finished(self, item: IngestItem) -> None:
         assert item.record is not None
@@ -315,14 +315,16 @@ class IngestService:
                 logger.exception("item-settled hook failed")
 
     async def _quarantine(self, stage: str, item: IngestItem, exc: BaseException) -> None:
-        self.metrics.stage_items.labels(stage=stage, outcome="fail").inc()
-        target = await asyncio.to_thread(self.spool.quarantine_file, stage, item.spool_path)
+        self._metrics.stage_items.labels(stage=stage, outcome="fail").inc()
+        target = await asyncio.to_thread(self._spool.quarantine_file, stage, item.spool_path)
         reason = f"{type(exc).__name__}: {exc}"
         # Relative to the data directory: the API shows it, and server paths are nobody's
         # business (quarantine/<stage>/<file>).
-        where = str(target.relative_to(self.spool.quarantine.parent)) if target else ""
+        where = str(target.relative_to(self._spool.quarantine.parent)) if target else ""
         try:
-            await self.index.record_quarantine(stage, where or item.spool_path.name, reason)
+            await self._index_backend.record_quarantine(
+                stage, where or item.spool_path.name, reason
+            )
         except BackendUnavailableError:
             logger.exception("could not record quarantined item %s", target)
         series = item.record.series_instance_uid if item.record else None
@@ -330,9 +332,9 @@ class IngestService:
         self._run_item_hooks(item, exc)
 
     async def _complete_series(self, series_uid: str) -> None:
-        async with _measured(self.metrics, self._index_cfg.backend, "complete"):
-            fields = await self.index.complete_series(series_uid)
-        self.metrics.series_completed.inc()
+        async with _measured(self._metrics, self._index_cfg.backend, "complete"):
+            fields = await self._index_backend.complete_series(series_uid)
+        self._metrics.series_completed.inc()
         logger.info("series %s complete", series_uid)
         for hook in self.series_complete_hooks:
             try:
@@ -363,7 +365,9 @@ class IngestService:
         """Ask the index, on the loop, whether project `name` exists. Runs on an association
         thread; raises TimeoutError past `timeout_s`, BackendError as the index does."""
         assert self.loop is not None
-        future = asyncio.run_coroutine_threadsafe(self.index.project_exists(name), self.loop)
+        future = asyncio.run_coroutine_threadsafe(
+            self._index_backend.project_exists(name), self.loop
+        )
         return bool(future.result(timeout=timeout_s))
 
 

@@ -172,7 +172,7 @@ async def test_slow_stage_slows_sender_and_loses_nothing(
 
     async def slow_put(items: Any) -> list[int]:  # fault injection: a slow disk
         nonlocal peak
-        peak = max(peak, gw.ingest.pipeline.in_flight)
+        peak = max(peak, gw.ingest.readiness()["in_flight"])
         await asyncio.sleep(0.01 * len(items))
         return await real_put(items)
 
