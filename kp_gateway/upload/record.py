@@ -117,7 +117,14 @@ def read_records(folder: Path) -> list[Upload]:
     for path in folder.glob("*.json"):
         try:
             with open(path, encoding="utf-8") as fh:
-                found.append(Upload.from_dict(json.load(fh)))
+                doc = json.load(fh)
+            if not isinstance(doc, dict):
+                raise TypeError(f"a JSON {type(doc).__name__}, not an object")
+            upload = Upload.from_dict(doc)
+            if not isinstance(upload.created_at, int | float):
+                raise TypeError(f"created_at is {upload.created_at!r}, not a time")
+            found.append(upload)
+        # One broken record must not stop the gateway from starting.
         except (OSError, ValueError, TypeError) as exc:
             logger.error("unreadable upload record %s (%s); left in place", path, exc)
     return sorted(found, key=lambda u: u.created_at)

@@ -149,7 +149,12 @@ def to_part10(src: Path) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(uids[0])
     meta.MediaStorageSOPInstanceUID = UID(uids[1])
-    if implicit:
+    stated = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
+    if stated is not None and UID(str(stated)).is_compressed:
+        # A file meta group without its preamble names the real syntax: encapsulated Pixel
+        # Data read as explicit VR is still JPEG, J2K or RLE.
+        meta.TransferSyntaxUID = UID(str(stated))
+    elif implicit:
         meta.TransferSyntaxUID = ImplicitVRLittleEndian
     else:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian

@@ -323,15 +323,21 @@ def test_curl_multipart_several_files_refused_and_form_fields_honoured(
 def test_curl_upload_of_cut_off_or_garbage_dicom_fails_per_file(
     gateway_process: Any, tmp_path: Path
 ) -> None:
-    """A DICOM file cut inside its Pixel Data, and a DICOM preamble over garbage, are refused
-    per file; an upload in which nothing could be imported ends failed, not done; beside a good
-    file in a zip, the cut one is an error and the good one is imported. Nothing quarantined."""
+    """A DICOM file cut inside its Pixel Data (native, or JPEG 2000 fragments), and a DICOM
+    preamble over garbage, are refused per file; an upload in which nothing could be imported
+    ends failed, not done; beside a good file in a zip, the cut one is an error and the good
+    one is imported. Nothing quarantined."""
     import zipfile
+
+    from pydicom.data import get_testdata_file
 
     gw = gateway_process()
     good, cut_source = make_ct_series(tmp_path / "ct", 2, rows=64)
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(cut_source.read_bytes()[:-3000])
+    # Cut inside its last fragment: pydicom alone would read it and drop the fragment.
+    cut_j2k = tmp_path / "cut-j2k.dcm"
+    cut_j2k.write_bytes(Path(str(get_testdata_file("JPEG2000.dcm"))).read_bytes()[:-2000])
     garbage = tmp_path / "garbage.dcm"
     garbage.write_bytes(bytes(128) + b"DICM" + b"\x01\x02 not a dataset " * 40)
     archive = tmp_path / "mixed.zip"
@@ -342,7 +348,7 @@ def test_curl_upload_of_cut_off_or_garbage_dicom_fails_per_file(
     def upload(path: Path) -> dict[str, Any]:
         return _curl_upload(gw, path, "broken")
 
-    for path in (cut, garbage):
+    for path in (cut, cut_j2k, garbage):
         status = upload(path)
         assert status["state"] == "failed", status
         assert status["instances_imported"] == 0 and len(status["errors"]) == 1, status
