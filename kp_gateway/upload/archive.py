@@ -10,7 +10,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -412,43 +411,3 @@ def open_member(path: StrPath, member: ArchiveMember, limits: ArchiveLimits) -> 
         raise
     with io.BufferedReader(reader, buffer_size=_INPUT_CHUNK_BYTES) as stream:
         yield stream
-
-
-def extract_member(
-    path: StrPath,
-    member: ArchiveMember,
-    dest_dir: StrPath,
-    limits: ArchiveLimits,
-    *,
-    chunk_bytes: int = 1 << 20,
-) -> Path:
-    """Blocking; call via asyncio.to_thread.
-
-    Stream one member to ``dest_dir/<member.name>`` and return that path.
-
-    The data goes to a temporary name in the same folder, is fsynced and then renamed, so a
-    failure never leaves a partial file under the final name. Raises as `open_member`.
-    """
-    if normalise_member_name(member.name) != member.name:
-        raise UnsafeArchiveError(f"member {member.name!r} has an unsafe name")
-    root = Path(dest_dir).resolve()
-    target = root / member.name
-    # resolve() follows symlinks already inside dest_dir, which is exactly what we must catch.
-    if not target.parent.resolve().is_relative_to(root):
-        raise UnsafeArchiveError(f"member {member.name!r} escapes the archive root")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.resolve().is_relative_to(root):
-        raise UnsafeArchiveError(f"member {member.name!r} escapes the archive root")
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, open_member(path, member, limits) as src:
-            while chunk := src.read(chunk_bytes):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target

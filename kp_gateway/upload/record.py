@@ -8,6 +8,7 @@ thread via ``asyncio.to_thread``).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,7 +24,22 @@ MAX_LISTED_ERRORS = 1000
 MAX_LISTED_FILES = 10_000
 MAX_LISTED_SERIES = 10_000
 
-RECEIVING, IMPORTING, DONE, FAILED = "receiving", "importing", "done", "failed"
+
+class UploadState(enum.StrEnum):
+    """Where an upload is: receiving bytes, importing them, or ended (done or failed)."""
+
+    RECEIVING = "receiving"
+    IMPORTING = "importing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+RECEIVING, IMPORTING, DONE, FAILED = (
+    UploadState.RECEIVING,
+    UploadState.IMPORTING,
+    UploadState.DONE,
+    UploadState.FAILED,
+)
 KINDS = ("auto", "dicom", "nifti", "files")
 
 
@@ -41,7 +57,7 @@ class Upload:
     kind: str
     extension: str = ""
     filename: str = ""
-    state: str = RECEIVING
+    state: UploadState = RECEIVING
     detail: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -73,7 +89,10 @@ class Upload:
     def from_dict(cls, doc: dict[str, Any]) -> Upload:
         """Rebuild a record from its JSON; unknown keys (a newer version's) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in doc.items() if k in names})
+        known = {k: v for k, v in doc.items() if k in names}
+        if "state" in known:
+            known["state"] = UploadState(known["state"])  # ValueError for an unknown state
+        return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document that is persisted."""
@@ -140,5 +159,6 @@ __all__ = [
     "MAX_LISTED_SERIES",
     "RECEIVING",
     "Upload",
+    "UploadState",
     "read_records",
 ]

@@ -44,7 +44,16 @@ from kp_gateway.metrics import Metrics
 from kp_gateway.names import DATASET_NAME_RULE, is_dataset_name
 from kp_gateway.upload.archive import normalise_member_name
 from kp_gateway.upload.importer import UploadImporter
-from kp_gateway.upload.record import DONE, FAILED, IMPORTING, KINDS, RECEIVING, Upload, read_records
+from kp_gateway.upload.record import (
+    DONE,
+    FAILED,
+    IMPORTING,
+    KINDS,
+    RECEIVING,
+    Upload,
+    UploadState,
+    read_records,
+)
 from kp_gateway.upload.sniff import inspect_body
 
 logger = logging.getLogger(__name__)
@@ -414,7 +423,7 @@ class UploadService:
         await self._discard(upload)
         self._metrics.uploads_total.labels(state="rejected").inc()
 
-    def _finish(self, upload: Upload, state: str, detail: str) -> None:
+    def _finish(self, upload: Upload, state: UploadState, detail: str) -> None:
         upload.state, upload.detail, upload.finished_at = state, detail, time.time()
         self._metrics.uploads_total.labels(state=state).inc()
 

@@ -21,14 +21,24 @@ from kp_gateway.config import UploadConfig
 from kp_gateway.errors import PayloadTooLargeError, UnsafeArchiveError
 from kp_gateway.upload.archive import (
     ArchiveLimits,
-    extract_member,
+    ArchiveMember,
     is_zip,
     list_members,
     normalise_member_name,
     open_member,
 )
+from kp_gateway.upload.importer import spool_member
 
 DEFAULT = UploadConfig()
+
+
+def extracted(archive: Path, member: ArchiveMember, spool: Path) -> bytes:
+    """The member's bytes as the importer extracts them into the spool."""
+    spool.mkdir(exist_ok=True)
+    path, _ = spool_member(archive, member, DEFAULT, spool)
+    return path.read_bytes()
+
+
 Entry = tuple[str | zipfile.ZipInfo, bytes]
 Builder = Callable[[Path], Path]
 
@@ -217,15 +227,7 @@ def test_list_members_nested_folders_skips_junk(tmp_path: Path) -> None:
         zf.writestr("study1/.git/config", b"junk")
     members = list_members(archive, DEFAULT)
     assert [m.name for m in members] == ["study1/series2/IM0001.dcm", "study1/series3/IM0001.dcm"]
-    dest = tmp_path / "out"
-    for member in members:
-        extract_member(archive, member, dest, DEFAULT)
-    assert (dest / "study1/series2/IM0001.dcm").read_bytes() == b"one"
-    assert (dest / "study1/series3/IM0001.dcm").read_bytes() == b"two"
-    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
-        "study1/series2/IM0001.dcm",
-        "study1/series3/IM0001.dcm",
-    ]
+    assert [extracted(archive, m, tmp_path / "spool") for m in members] == [b"one", b"two"]
 
 
 @pytest.mark.parametrize(
@@ -233,13 +235,12 @@ def test_list_members_nested_folders_skips_junk(tmp_path: Path) -> None:
     [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA],
     ids=["stored", "deflate", "bzip2", "lzma"],
 )
-def test_extract_member_compression_method_round_trips(tmp_path: Path, method: int) -> None:
+def test_extraction_round_trips_every_compression_method(tmp_path: Path, method: int) -> None:
     """Every supported method extracts byte for byte."""
     data = os.urandom(3000) + bytes(70_000) + b"tail"
     archive = make_zip(tmp_path / "u.zip", [("a/b.dcm", data), ("empty.dcm", b"")], method)
     members = list_members(archive, DEFAULT)
-    out = [extract_member(archive, m, tmp_path / "out", DEFAULT).read_bytes() for m in members]
-    assert out == [data, b""]
+    assert [extracted(archive, m, tmp_path / "spool") for m in members] == [data, b""]
 
 
 def test_list_members_zip64_extracts(tmp_path: Path) -> None:
@@ -248,7 +249,7 @@ def test_list_members_zip64_extracts(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         assert zf.infolist()[0].extract_version >= zipfile.ZIP64_VERSION
     (member,) = list_members(archive, DEFAULT)
-    assert extract_member(archive, member, tmp_path / "o", DEFAULT).read_bytes() == b"zip64" * 1000
+    assert extracted(archive, member, tmp_path / "spool") == b"zip64" * 1000
 
 
 def test_open_member_lying_header_raises(tmp_path: Path) -> None:
@@ -261,8 +262,8 @@ def test_open_member_lying_header_raises(tmp_path: Path) -> None:
     with pytest.raises(
         PayloadTooLargeError, match=re.escape("'liar.dcm' holds more data than the 100")
     ):
-        extract_member(archive, member, tmp_path / "out", DEFAULT)
-    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
+        extracted(archive, member, tmp_path / "spool")
+    assert list((tmp_path / "spool").iterdir()) == []
 
 
 def test_open_member_short_data_raises(tmp_path: Path) -> None:
@@ -322,32 +323,8 @@ def test_open_member_forged_offset_raises(tmp_path: Path) -> None:
     with pytest.raises(
         UnsafeArchiveError, match=re.escape("'b.dcm' does not match its local header")
     ):
-        extract_member(archive, forged, tmp_path / "out", DEFAULT)
-
-
-def test_extract_member_forged_name_stays_inside(tmp_path: Path) -> None:
-    """A hand-made member named '../evil' never writes outside dest_dir."""
-    archive = make_zip(tmp_path / "u.zip", [("ok.dcm", b"x")])
-    (member,) = list_members(archive, DEFAULT)
-    forged = dataclasses.replace(member, name="../evil.dcm")
-    with pytest.raises(UnsafeArchiveError, match=re.escape("'../evil.dcm'")):
-        extract_member(archive, forged, tmp_path / "out", DEFAULT)
-    assert not (tmp_path / "evil.dcm").exists()
-
-
-def test_extract_member_symlink_in_dest_rejected(tmp_path: Path) -> None:
-    """A symlinked folder already inside dest_dir cannot redirect the write outside it."""
-    outside, dest = tmp_path / "outside", tmp_path / "dest"
-    outside.mkdir()
-    dest.mkdir()
-    (dest / "study").symlink_to(outside)
-    archive = make_zip(tmp_path / "u.zip", [("study/x.dcm", b"x")])
-    (member,) = list_members(archive, DEFAULT)
-    with pytest.raises(
-        UnsafeArchiveError, match=re.escape("'study/x.dcm' escapes the archive root")
-    ):
-        extract_member(archive, member, dest, DEFAULT)
-    assert list(outside.iterdir()) == []
+        extracted(archive, forged, tmp_path / "spool")
+    assert list((tmp_path / "spool").iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -358,7 +335,7 @@ def test_extract_member_symlink_in_dest_rejected(tmp_path: Path) -> None:
     ],
     ids=["stored", "deflate"],
 )
-def test_extract_member_50mb_memory_flat(
+def test_extraction_of_50mb_keeps_memory_flat(
     tmp_path: Path, method: int, make_chunk: Callable[[], bytes], limits: ArchiveLimits
 ) -> None:
     """Extracting a 50 MB member keeps the tracemalloc peak under 5 MB."""
@@ -369,7 +346,7 @@ def test_extract_member_50mb_memory_flat(
     (member,) = list_members(archive, limits)
     tracemalloc.start()
     try:
-        target = extract_member(archive, member, tmp_path / "out", limits)
+        target, _ = spool_member(archive, member, limits, tmp_path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

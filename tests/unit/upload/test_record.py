@@ -17,6 +17,7 @@ from kp_gateway.upload.record import (
     MAX_LISTED_SERIES,
     RECEIVING,
     Upload,
+    UploadState,
     read_records,
 )
 
@@ -121,7 +122,16 @@ def test_read_records_skips_unreadable_record_and_leaves_it(
     assert "broken.json" in caplog.text
 
 
-@pytest.mark.parametrize("content", [b"[]", b"null", b'{"id": "x", "created_at": "soon"}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[]",
+        b"null",
+        b'{"id": "x", "created_at": "soon"}',
+        b'{"id": "x", "protocol": "post", "project": "p", "dataset": "d", "kind": "auto", '
+        b'"state": "half-done"}',
+    ],
+)
 def test_read_records_skips_json_that_is_not_an_object(tmp_path: Path, content: bytes) -> None:
     save(tmp_path, make_upload("good"))
     (tmp_path / "broken.json").write_bytes(content)
@@ -193,3 +203,12 @@ def test_capped_record_stays_small_on_disk(tmp_path: Path) -> None:
     assert len(loaded.errors) == MAX_LISTED_ERRORS
     assert loaded.errors_total == MAX_LISTED_ERRORS * 3
     assert path.stat().st_size < 200 * MAX_LISTED_ERRORS
+
+
+def test_state_is_an_enum_that_round_trips_as_its_string(tmp_path: Path) -> None:
+    upload = make_upload("a")
+    upload.state = UploadState.IMPORTING
+    save(tmp_path, upload)
+    assert json.loads((tmp_path / "a.json").read_text())["state"] == "importing"
+    (loaded,) = read_records(tmp_path)
+    assert loaded.state is UploadState.IMPORTING and loaded.state == "importing"
