@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,11 +47,36 @@ requires_dcmtk = pytest.mark.skipif(
 )
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_EPHEMERAL = _ephemeral_ports()
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """An unused TCP port on 127.0.0.1, outside the kernel's ephemeral range.
+
+    A port the kernel hands out with bind(0) is an ephemeral one: between this check and the
+    gateway's own bind a second later, any outgoing connection on the machine may take it
+    (seen once in a full run beside a test holding 1,100 connections). Ports below the
+    ephemeral range are only ever taken by an explicit bind.
+    """
+    candidates = [p for p in range(20000, 32768) if p not in _EPHEMERAL and p not in _HANDED_OUT]
+    for port in random.sample(candidates, 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)  # never twice in one run: a gateway's two ports must differ
+        return port
+    raise AssertionError("no free TCP port between 20000 and the ephemeral range")
 
 
 def gateway_overrides(data_dir: Path, **extra: Any) -> dict[str, Any]:
