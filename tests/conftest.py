@@ -412,3 +412,45 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+@contextlib.contextmanager
+def held_connections(
+    port: int, count: int, first_bytes: bytes = b"", source: str = "127.0.0.1"
+) -> Iterator[list[socket.socket]]:
+    """`count` TCP connections to 127.0.0.1:`port` from `source`, each sending `first_bytes`
+    and then nothing: the attacker of the hostile-peer tests. Closed on exit."""
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(
+                ("127.0.0.1", port), timeout=10, source_address=(source, 0)
+            )
+            if first_bytes:
+                s.sendall(first_bytes)
+            opened.append(s)
+        yield opened
+    finally:
+        for s in opened:
+            s.close()
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """Whether the other end has closed `s` (read without waiting)."""
+    s.setblocking(False)
+    try:
+        return s.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def echoscu(port: int, called: str = "kp-admin") -> subprocess.CompletedProcess[bytes]:
+    """DCMTK echoscu to 127.0.0.1:`port`: the real sender that must keep getting through."""
+    return subprocess.run(
+        ["echoscu", "-aec", called, "127.0.0.1", str(port)],
+        capture_output=True,
+        env=dcmtk_env(),
+        timeout=60,
+    )

@@ -9,52 +9,12 @@ echoscu, a real sender, from 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import struct
-import subprocess
-from collections.abc import Iterator
 from typing import Any
 
-from tests.conftest import dcmtk_env, wait_until
+from tests.conftest import closed_by_peer, echoscu, held_connections, wait_until
 
 ATTACKER = "127.0.0.2"
-
-
-@contextlib.contextmanager
-def _attack(port: int, count: int, payload: bytes) -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.create_connection(
-                ("127.0.0.1", port), timeout=10, source_address=(ATTACKER, 0)
-            )
-            if payload:
-                s.sendall(payload)
-            opened.append(s)
-        yield opened
-    finally:
-        for s in opened:
-            s.close()
-
-
-def _closed_by_peer(s: socket.socket) -> bool:
-    s.setblocking(False)
-    try:
-        return s.recv(65536) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-def _echo(port: int) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        ["echoscu", "-aec", "kp-admin", "127.0.0.1", str(port)],
-        capture_output=True,
-        env=dcmtk_env(),
-        timeout=60,
-    )
 
 
 def test_partial_pdus_and_silent_connections_leave_room_and_time_out(
@@ -64,11 +24,11 @@ def test_partial_pdus_and_silent_connections_leave_room_and_time_out(
     # 20 bytes of an A-ASSOCIATE-RQ that declares 200: the read of the rest never completes.
     partial = struct.pack(">BBL", 0x01, 0x00, 200) + b"\x00\x01" + b"\x00" * 12
     for payload in (partial, b""):
-        with _attack(gw.dicom_port, 32, payload) as held:
-            echo = _echo(gw.dicom_port)
+        with held_connections(gw.dicom_port, 32, payload, source=ATTACKER) as held:
+            echo = echoscu(gw.dicom_port)
             assert echo.returncode == 0, echo.stderr
             wait_until(
-                lambda held=held: all(_closed_by_peer(s) for s in held),
+                lambda held=held: all(closed_by_peer(s) for s in held),
                 timeout_s=30,
                 what="the attacker's connections timed out",
             )

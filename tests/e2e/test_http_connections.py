@@ -8,58 +8,32 @@ holds connections open while DCMTK's echoscu and storescu, real senders, keep wo
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import dcmtk_env, make_ct_series, wait_until
-
-
-@contextlib.contextmanager
-def _connections(port: int, count: int, first_bytes: bytes = b"") -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            if first_bytes:
-                s.sendall(first_bytes)
-            opened.append(s)
-        yield opened
-    finally:
-        for s in opened:
-            s.close()
-
-
-def _closed_by_peer(s: socket.socket) -> bool:
-    s.setblocking(False)
-    try:
-        return s.recv(4096) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
+from tests.conftest import (
+    closed_by_peer,
+    dcmtk_env,
+    echoscu,
+    held_connections,
+    make_ct_series,
+    wait_until,
+)
 
 
 def test_dicom_works_with_1100_http_connections_open(gateway_process: Any, tmp_path: Path) -> None:
     """Associations get descriptors above 1024 and still work (poll, not select)."""
     gw = gateway_process(http__max_connections=2000)
     series = make_ct_series(tmp_path / "ct", 2)
-    with _connections(gw.http_port, 1100):
+    with held_connections(gw.http_port, 1100):
         wait_until(
             lambda: len(list(Path(f"/proc/{gw.proc.pid}/fd").iterdir())) > 1100,
             what="the gateway holding the HTTP connections",
         )
-        echo = subprocess.run(
-            ["echoscu", "-aec", "kp-admin", "127.0.0.1", str(gw.dicom_port)],
-            capture_output=True,
-            env=dcmtk_env(),
-            timeout=60,
-        )
+        echo = echoscu(gw.dicom_port)
         assert echo.returncode == 0, echo.stderr
         store = subprocess.run(
             ["storescu", "-aec", "kp-admin", "127.0.0.1", str(gw.dicom_port), *map(str, series)],
@@ -79,14 +53,14 @@ def test_idle_and_slow_header_connections_are_closed(gateway_process: Any) -> No
     ``http.idle_timeout_s``; the server keeps answering meanwhile."""
     gw = gateway_process(http__idle_timeout_s=1)
     with (
-        _connections(gw.http_port, 20) as silent,
-        _connections(
+        held_connections(gw.http_port, 20) as silent,
+        held_connections(
             gw.http_port, 20, b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow:"
         ) as slow,
     ):
         assert gw.get_json("/health/live") == {"status": "alive"}
         wait_until(
-            lambda: all(_closed_by_peer(s) for s in silent + slow),
+            lambda: all(closed_by_peer(s) for s in silent + slow),
             timeout_s=30,
             what="idle connections closed by the gateway",
         )
@@ -94,9 +68,9 @@ def test_idle_and_slow_header_connections_are_closed(gateway_process: Any) -> No
 
 def test_connections_past_the_limit_are_closed_at_once(gateway_process: Any) -> None:
     gw = gateway_process(http__max_connections=50, http__idle_timeout_s=600)
-    with _connections(gw.http_port, 80) as held:
+    with held_connections(gw.http_port, 80) as held:
         wait_until(
-            lambda: sum(_closed_by_peer(s) for s in held) >= 30,
+            lambda: sum(closed_by_peer(s) for s in held) >= 30,
             what="connections past the limit closed",
         )
     wait_until(lambda: _live(gw), what="the gateway answering again once they left")
@@ -110,7 +84,7 @@ def test_stalled_upload_body_is_cut_off(gateway_process: Any) -> None:
         b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n"
         + b"0123456789"
     )
-    with _connections(gw.http_port, 1, request) as (s,):
+    with held_connections(gw.http_port, 1, request) as (s,):
         s.settimeout(30)
         answer = s.recv(4096)
     assert answer.startswith(b"HTTP/1.1 400"), answer

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import socket
 import struct
-import subprocess
 import time
 from typing import Any
 
-from tests.conftest import dcmtk_env
+from tests.conftest import echoscu
 
 MiB = 1 << 20
 ATTACKERS = 12
@@ -39,12 +38,7 @@ def test_declared_pdu_length_is_not_allocated_up_front(gateway_process: Any) -> 
             # A-ASSOCIATE-RQ (type 0x01), reserved byte, PDU length just under the 64 MiB cap.
             s.sendall(struct.pack(">BBL", 0x01, 0x00, 64 * MiB - 1))
             attackers.append(s)
-        echo = subprocess.run(
-            ["echoscu", "-aec", "kp-admin", "127.0.0.1", str(gw.dicom_port)],
-            capture_output=True,
-            env=dcmtk_env(),
-            timeout=60,
-        )
+        echo = echoscu(gw.dicom_port)
         assert echo.returncode == 0, echo.stderr
         # Each attacker's read started before echoscu's association (accepted in order);
         # watch the memory for a while, since the allocation would come at once.
