@@ -8,12 +8,11 @@ echoscu, a real sender, still gets through.
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 from typing import Any
 
-from tests.conftest import echoscu
+from tests.conftest import echoscu, held_connections
 
 MiB = 1 << 20
 ATTACKERS = 12
@@ -31,13 +30,10 @@ def test_declared_pdu_length_is_not_allocated_up_front(gateway_process: Any) -> 
     gw = gateway_process(dicom__max_associations=ATTACKERS + 4)
     assert gw.proc is not None
     before = _rss_bytes(gw.proc.pid)
-    attackers = []
-    try:
-        for _ in range(ATTACKERS):
-            s = socket.create_connection(("127.0.0.1", gw.dicom_port), timeout=10)
-            # A-ASSOCIATE-RQ (type 0x01), reserved byte, PDU length just under the 64 MiB cap.
-            s.sendall(struct.pack(">BBL", 0x01, 0x00, 64 * MiB - 1))
-            attackers.append(s)
+    # A-ASSOCIATE-RQ (type 0x01), reserved byte, PDU length just under the 64 MiB cap. The
+    # attacker is another address than echoscu's, so the per-peer share leaves echoscu room.
+    header = struct.pack(">BBL", 0x01, 0x00, 64 * MiB - 1)
+    with held_connections(gw.dicom_port, ATTACKERS, header, source="127.0.0.2"):
         echo = echoscu(gw.dicom_port)
         assert echo.returncode == 0, echo.stderr
         # Each attacker's read started before echoscu's association (accepted in order);
@@ -47,8 +43,5 @@ def test_declared_pdu_length_is_not_allocated_up_front(gateway_process: Any) -> 
         while time.monotonic() < deadline:
             peak = max(peak, _rss_bytes(gw.proc.pid))
             time.sleep(0.05)
-    finally:
-        for s in attackers:
-            s.close()
     # Old behaviour: 12 x 64 MiB = 768 MiB. Now 64 KiB each, plus threads' stacks.
     assert peak - before < 64 * MiB, f"RSS grew by {(peak - before) // MiB} MiB"
