@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from kp_gateway.app import RunningGateway, running
@@ -275,6 +275,12 @@ def dicom_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copyfile(path, target)
     assert len(seen) >= 20, "too few usable pydicom test files"
     return out
+
+
+def instance_uids(source: Path | Dataset) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID): what names an instance in the index."""
+    ds = pydicom.dcmread(source, stop_before_pixels=True) if isinstance(source, Path) else source
+    return str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
 
 
 def dataset_bytes(path: Path) -> bytes:

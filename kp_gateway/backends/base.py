@@ -136,8 +136,16 @@ class IndexBackend(Protocol):
     async def list_instances(self, series_instance_uid: str) -> list[dict[str, Any]]:
         """SOPInstanceUIDs of a series with sizes and instance numbers."""
 
-    async def instance_key(self, sop_instance_uid: str) -> str | None:
-        """The storage key of an instance, or None."""
+    async def instance_key(self, series_instance_uid: str, sop_instance_uid: str) -> str | None:
+        """The storage key of an instance, or None.
+
+        An instance is its series and its SOPInstanceUID: a SOPInstanceUID reused in another
+        series is another instance (as in Orthanc), and the earlier series keeps its copy.
+        """
+
+    async def find_instance(self, sop_instance_uid: str) -> list[dict[str, Any]]:
+        """Every instance of that SOPInstanceUID (one, unless a sender reused it), newest first:
+        ``series_uid``, ``study_uid``, ``storage_key``, ``received_at``."""
 
     async def incomplete_series(self) -> list[str]:
         """Series not yet marked complete (for completion tracking after a restart)."""

@@ -6,7 +6,10 @@ Layout (every index is created at :meth:`OpenSearchIndex.open`):
   index template ``kp-gateway-project`` (Kaapana's dynamic templates by key suffix), so existing
   Kaapana dashboards and queries work unchanged.
 - ``kp_projects`` (``_id`` = name), ``kp_datasets`` (``_id`` = ``<project>/<dataset>``),
-  ``kp_instances`` (``_id`` = SOPInstanceUID), ``kp_quarantine``.
+  ``kp_instances_v1`` (``_id`` = ``<SeriesInstanceUID>_<SOPInstanceUID>``: an instance is its
+  series and its SOP, so a SOPInstanceUID reused in another series is another instance),
+  ``kp_quarantine``. An older gateway's ``kp_instances`` (keyed by SOPInstanceUID alone) is
+  copied into ``kp_instances_v1`` and deleted at :meth:`OpenSearchIndex.open`.
 - ``kp_series`` (``_id`` = SeriesInstanceUID): the series row *and* its project and dataset
   mappings (``projects``, ``datasets`` = ``<project>/<dataset>``). Keeping the mappings on the
   series document makes ``query_series`` one search and lets one optimistic-concurrency write
@@ -52,7 +55,8 @@ TEMPLATE_NAME = "kp-gateway-project"
 PROJECTS = "kp_projects"
 DATASETS = "kp_datasets"
 SERIES = "kp_series"
-INSTANCES = "kp_instances"
+INSTANCES = "kp_instances_v1"
+LEGACY_INSTANCES = "kp_instances"
 QUARANTINE = "kp_quarantine"
 
 MAX_RESULT_WINDOW = 10_000  # OpenSearch's default index.max_result_window
@@ -171,6 +175,14 @@ def _write_op(index: str, doc_id: str, source: dict[str, Any], prev: _Versioned)
         "if_primary_term": prev.primary_term,
     }
     return {"index": meta}, source
+
+
+_BY_SOP = [{"sop_uid": {"order": "asc"}}]
+
+
+def instance_id(series_instance_uid: str, sop_instance_uid: str) -> str:
+    """The ``_id`` of an instance: UIDs hold only digits and dots, so ``_`` cannot be in one."""
+    return f"{series_instance_uid}_{sop_instance_uid}"
 
 
 def _item_error(item: dict[str, Any]) -> str:
@@ -394,6 +406,7 @@ class OpenSearchIndex:
         )
         for index, body in KP_INDICES.items():
             await self._ensure_index(index, body)
+        await self._migrate_legacy_instances()
         now = time.time()
         ops: list[Op] = []
         for name in sorted({ADMIN_PROJECT, self._default_project}):
@@ -402,6 +415,31 @@ class OpenSearchIndex:
             source = {"name": name, "description": description, "created_at": now}
             ops.append(({"create": {"_index": PROJECTS, "_id": name}}, source))
         self._check(await self._bulk(ops), conflicts_ok=True)
+
+    async def _migrate_legacy_instances(self) -> None:
+        """Copy an older gateway's ``kp_instances`` into `INSTANCES`, then delete it.
+
+        Idempotent, so gateways that start together may both run it: each copy is an
+        ``index`` of the same ``_id`` and source, and a second delete finds nothing.
+        """
+        exists = await self._req("index exists", self.client.indices.exists(index=LEGACY_INSTANCES))
+        if not exists:
+            return
+        copied = 0
+        ops: list[Op] = []
+        async for hit in self._scan(LEGACY_INSTANCES, {"match_all": {}}, _BY_SOP):
+            source = hit["_source"]
+            doc_id = instance_id(source["series_uid"], source["sop_uid"])
+            ops.append(({"index": {"_index": INSTANCES, "_id": doc_id}}, source))
+            if len(ops) >= SCAN_PAGE:
+                self._check(await self._bulk(ops))
+                copied, ops = copied + len(ops), []
+        self._check(await self._bulk(ops))
+        copied += len(ops)
+        await self._call(
+            "delete index", self.client.indices.delete(index=LEGACY_INSTANCES), missing_ok=True
+        )
+        logger.info("index: %d instances moved from %s to %s", copied, LEGACY_INSTANCES, INSTANCES)
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -439,7 +477,9 @@ class OpenSearchIndex:
                 "storage_key": rec.storage_key,
                 "received_at": now,
             }
-            ops.append(({"index": {"_index": INSTANCES, "_id": rec.sop_instance_uid}}, instance))
+            doc_id = instance_id(rec.series_instance_uid, rec.sop_instance_uid)
+            # The same instance again (same series, same SOP) replaces the earlier copy.
+            ops.append(({"index": {"_index": INSTANCES, "_id": doc_id}}, instance))
             plan = plans.setdefault(rec.series_instance_uid, _SeriesPlan(rec, now, now))
             plan.last_at = max(plan.last_at, now)
             for project in targets:
@@ -823,9 +863,17 @@ class OpenSearchIndex:
             async for hit in self._scan(INSTANCES, query, sort)
         ]
 
-    async def instance_key(self, sop_instance_uid: str) -> str | None:
-        doc = await self._get(INSTANCES, sop_instance_uid)
+    async def instance_key(self, series_instance_uid: str, sop_instance_uid: str) -> str | None:
+        doc = await self._get(INSTANCES, instance_id(series_instance_uid, sop_instance_uid))
         return None if doc.source is None else str(doc.source["storage_key"])
+
+    async def find_instance(self, sop_instance_uid: str) -> list[dict[str, Any]]:
+        sort = [{"received_at": {"order": "desc"}}, {"series_uid": {"order": "asc"}}]
+        fields = ("series_uid", "study_uid", "storage_key", "received_at")
+        return [
+            {k: hit["_source"].get(k) for k in fields}
+            async for hit in self._scan(INSTANCES, {"term": {"sop_uid": sop_instance_uid}}, sort)
+        ]
 
     async def incomplete_series(self) -> list[str]:
         return [

@@ -44,12 +44,6 @@ CREATE TABLE IF NOT EXISTS series (
     modality TEXT NOT NULL, description TEXT NOT NULL, series_date TEXT NOT NULL,
     first_received_at REAL NOT NULL, last_received_at REAL NOT NULL,
     complete INTEGER NOT NULL DEFAULT 0, completed_at REAL);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL, transfer_syntax_uid TEXT NOT NULL, instance_number INTEGER,
-    number_of_frames INTEGER, size INTEGER NOT NULL, storage_key TEXT NOT NULL,
-    received_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
 CREATE TABLE IF NOT EXISTS series_projects (
     series_uid TEXT NOT NULL, project TEXT NOT NULL, PRIMARY KEY (series_uid, project));
 CREATE INDEX IF NOT EXISTS series_projects_by_project ON series_projects (project);
@@ -64,6 +58,24 @@ CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT, stage TEXT NOT NULL, path TEXT NOT NULL,
     reason TEXT NOT NULL, at REAL NOT NULL);
 """
+
+# An instance is identified by its series and its SOPInstanceUID, as its storage key is
+# (``dicom/<study>/<series>/<sop>.dcm``): a SOPInstanceUID that a sender reuses in another
+# series is another instance, and the first series keeps its own.
+_INSTANCES_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS instances ("
+    "series_uid TEXT NOT NULL, sop_uid TEXT NOT NULL, study_uid TEXT NOT NULL, "
+    "sop_class_uid TEXT NOT NULL, transfer_syntax_uid TEXT NOT NULL, instance_number INTEGER, "
+    "number_of_frames INTEGER, size INTEGER NOT NULL, storage_key TEXT NOT NULL, "
+    "received_at REAL NOT NULL, PRIMARY KEY (series_uid, sop_uid))",
+    "CREATE INDEX IF NOT EXISTS instances_by_sop ON instances (sop_uid)",
+)
+_INSTANCE_COLUMNS = (
+    "series_uid, sop_uid, study_uid, sop_class_uid, transfer_syntax_uid, instance_number, "
+    "number_of_frames, size, storage_key, received_at"
+)
+# PRAGMA user_version: 0 = instances keyed by SOPInstanceUID alone; 1 = by series and SOP.
+SCHEMA_VERSION = 1
 
 
 @contextlib.contextmanager
@@ -84,6 +96,37 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
             except sqlite3.Error:
                 logger.warning("index rollback failed after an error", exc_info=True)
         raise
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an index of an older gateway to `SCHEMA_VERSION`, in one transaction.
+
+    Version 0 keyed instances by SOPInstanceUID alone: its rows are copied as they are (each
+    was the one copy of its SOPInstanceUID) into the table keyed by series and SOP.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= SCHEMA_VERSION:
+        for statement in _INSTANCES_SCHEMA:
+            conn.execute(statement)
+        return
+    with _transaction(conn):
+        old = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
+        ).fetchone()
+        if old is not None:
+            conn.execute("ALTER TABLE instances RENAME TO instances_v0")
+            conn.execute("DROP INDEX IF EXISTS instances_by_series")
+        for statement in _INSTANCES_SCHEMA:
+            conn.execute(statement)
+        if old is not None:
+            conn.execute(
+                f"INSERT INTO instances ({_INSTANCE_COLUMNS}) "
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances_v0"
+            )
+            conn.execute("DROP TABLE instances_v0")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if old is not None:
+        logger.info("index: instances migrated to schema version %d", SCHEMA_VERSION)
 
 
 class SqliteIndex:
@@ -120,6 +163,7 @@ class SqliteIndex:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             now = time.time()
             for name in {ADMIN_PROJECT, self._default_project}:
                 conn.execute(
@@ -163,19 +207,18 @@ class SqliteIndex:
     ) -> None:
         rec, routing, now = item.record, item.routing, item.received_at
         targets = index_targets(routing, projects)
+        # The same instance again (same series, same SOP) replaces the earlier copy.
         conn.execute(
-            "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, "
-            "transfer_syntax_uid, instance_number, number_of_frames, size, storage_key, "
-            "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (sop_uid) DO UPDATE SET series_uid = excluded.series_uid, "
-            "study_uid = excluded.study_uid, sop_class_uid = excluded.sop_class_uid, "
+            f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (series_uid, sop_uid) DO UPDATE SET study_uid = excluded.study_uid, "
+            "sop_class_uid = excluded.sop_class_uid, "
             "transfer_syntax_uid = excluded.transfer_syntax_uid, "
             "instance_number = excluded.instance_number, "
             "number_of_frames = excluded.number_of_frames, size = excluded.size, "
             "storage_key = excluded.storage_key, received_at = excluded.received_at",
             (
-                rec.sop_instance_uid,
                 rec.series_instance_uid,
+                rec.sop_instance_uid,
                 rec.study_instance_uid,
                 rec.sop_class_uid,
                 rec.transfer_syntax_uid,
@@ -483,14 +526,27 @@ class SqliteIndex:
             ]
         )
 
-    async def instance_key(self, sop_instance_uid: str) -> str | None:
+    async def instance_key(self, series_instance_uid: str, sop_instance_uid: str) -> str | None:
         def run(conn: sqlite3.Connection) -> str | None:
             row = conn.execute(
-                "SELECT storage_key FROM instances WHERE sop_uid = ?", (sop_instance_uid,)
+                "SELECT storage_key FROM instances WHERE series_uid = ? AND sop_uid = ?",
+                (series_instance_uid, sop_instance_uid),
             ).fetchone()
             return None if row is None else str(row[0])
 
         return await self._run(run)
+
+    async def find_instance(self, sop_instance_uid: str) -> list[dict[str, Any]]:
+        return await self._run(
+            lambda c: [
+                dict(r)
+                for r in c.execute(
+                    "SELECT series_uid, study_uid, storage_key, received_at FROM instances "
+                    "WHERE sop_uid = ? ORDER BY received_at DESC, series_uid",
+                    (sop_instance_uid,),
+                )
+            ]
+        )
 
     async def incomplete_series(self) -> list[str]:
         return await self._run(

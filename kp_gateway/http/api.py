@@ -176,8 +176,12 @@ async def get_series_instances(request: web.Request) -> web.Response:
     if not instances:
         return json_error(404, "not_found", f"no series {uid}")
     for instance in instances:
-        instance["url"] = f"/api/instances/{instance['sop_uid']}"
+        instance["url"] = _instance_url(uid, instance["sop_uid"])
     return web.json_response({"total": len(instances), "items": instances})
+
+
+def _instance_url(series_uid: str, sop_uid: str) -> str:
+    return f"/api/series/{series_uid}/instances/{sop_uid}"
 
 
 async def _stream_object(
@@ -189,12 +193,36 @@ async def _stream_object(
     return await stream_object(request, request.app[STORAGE_KEY], key, headers)
 
 
-async def get_instance(request: web.Request) -> web.StreamResponse:
-    """The stored bytes of one instance, ``application/dicom``."""
-    sop = _uid(request, "sop_uid")
-    key = await request.app[INDEX_KEY].instance_key(sop)
+async def get_series_instance(request: web.Request) -> web.StreamResponse:
+    """The stored bytes of one instance of a series, ``application/dicom``."""
+    series, sop = _uid(request, "series_uid"), _uid(request, "sop_uid")
+    key = await request.app[INDEX_KEY].instance_key(series, sop)
     if key is None:
+        return json_error(404, "not_found", f"no instance {sop} in series {series}")
+    return await _stream_object(request, key, "application/dicom", f"{sop}.dcm")
+
+
+async def get_instance(request: web.Request) -> web.StreamResponse:
+    """The stored bytes of the instance of that SOPInstanceUID, ``application/dicom``.
+
+    A sender that reused the SOPInstanceUID in several series made several instances; then
+    the answer is 409 with the URL of each, rather than a guess.
+    """
+    sop = _uid(request, "sop_uid")
+    copies = await request.app[INDEX_KEY].find_instance(sop)
+    if not copies:
         return json_error(404, "not_found", f"no instance {sop}")
+    if len(copies) > 1:
+        urls = [_instance_url(c["series_uid"], sop) for c in copies]
+        return web.json_response(
+            {
+                "error": "ambiguous_instance",
+                "detail": f"SOPInstanceUID {sop} was received in {len(copies)} series",
+                "urls": urls,
+            },
+            status=409,
+        )
+    key = str(copies[0]["storage_key"])
     return await _stream_object(request, key, "application/dicom", f"{sop}.dcm")
 
 
@@ -222,6 +250,7 @@ __all__ = [
     "get_projects",
     "get_quarantine",
     "get_series",
+    "get_series_instance",
     "get_series_instances",
     "get_series_list",
     "get_thumbnail",

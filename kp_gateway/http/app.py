@@ -27,6 +27,7 @@ from kp_gateway.http.api import (
     get_projects,
     get_quarantine,
     get_series,
+    get_series_instance,
     get_series_instances,
     get_series_list,
     get_thumbnail,
@@ -237,6 +238,7 @@ def make_app(
     app.router.add_get("/api/projects/{project}/series", get_series_list)
     app.router.add_get("/api/series/{series_uid}", get_series)
     app.router.add_get("/api/series/{series_uid}/instances", get_series_instances)
+    app.router.add_get("/api/series/{series_uid}/instances/{sop_uid}", get_series_instance)
     app.router.add_get("/api/series/{series_uid}/thumbnail", get_thumbnail)
     app.router.add_get("/api/series/{series_uid}/validation", get_validation_report)
     app.router.add_get("/api/instances/{sop_uid}", get_instance)

@@ -321,7 +321,43 @@ async def test_late_instance_reopens_and_same_sop_is_replaced(index: IndexBacken
     got = await index.get_series(uid)
     assert got is not None and got["instance_count"] == 3
     assert got["size_bytes"] == 2005
-    assert await index.instance_key(again.record.sop_instance_uid) == "dicom/new"
+    assert await index.instance_key(uid, again.record.sop_instance_uid) == "dicom/new"
+
+
+async def test_reused_sop_instance_uid_is_another_instance(index: IndexBackend) -> None:
+    """Issue 14 finding 8: a SOPInstanceUID that another series (of another project) reuses
+    does not take the instance away from the first series."""
+    await index.create_project("neuro")
+    first = series(2)
+    await index.write_instances(first)
+    await index.complete_series(uid_of(first))
+    reused = first[0].record
+    other = make_item(
+        make_dataset(generate_uid(), generate_uid(), 1), project="neuro", at=T0 + 30, key="k2"
+    )
+    theft = IndexedInstance(
+        InstanceRecord(**{**_fields(other.record), "sop_instance_uid": reused.sop_instance_uid}),
+        other.routing,
+        T0 + 30,
+    )
+    await index.write_instances([theft])
+    kept = await index.get_series(uid_of(first))
+    assert kept is not None and kept["instance_count"] == 2 and kept["complete"] is True
+    assert [i["sop_uid"] for i in await index.list_instances(uid_of(first))] == [
+        i.record.sop_instance_uid for i in first
+    ]
+    assert await index.instance_key(uid_of(first), reused.sop_instance_uid) == reused.storage_key
+    theirs = other.record.series_instance_uid
+    assert await index.instance_key(theirs, reused.sop_instance_uid) == "k2"
+    copies = await index.find_instance(reused.sop_instance_uid)
+    assert [(c["series_uid"], c["storage_key"]) for c in copies] == [
+        (theirs, "k2"),
+        (uid_of(first), reused.storage_key),
+    ]  # newest first
+    assert set(copies[0]) == {"series_uid", "study_uid", "storage_key", "received_at"}
+    assert await index.find_instance(generate_uid()) == []
+    _, lab = await index.query_series(SeriesQuery(project="lab"))
+    assert [(s["series_uid"], s["instance_count"]) for s in lab] == [(uid_of(first), 2)]
 
 
 def _fields(rec: InstanceRecord) -> dict[str, Any]:
@@ -452,8 +488,9 @@ async def test_list_instances_and_instance_key(index: IndexBackend) -> None:
     assert (first["size"], first["received_at"], first["number_of_frames"]) == (30, T0, None)
     assert first["sop_class_uid"] == CTImageStorage
     assert first["transfer_syntax_uid"] == ExplicitVRLittleEndian
-    assert await index.instance_key(first["sop_uid"]) == first["storage_key"]
-    assert await index.instance_key(generate_uid()) is None
+    assert await index.instance_key(uid, first["sop_uid"]) == first["storage_key"]
+    assert await index.instance_key(uid, generate_uid()) is None
+    assert await index.instance_key(generate_uid(), first["sop_uid"]) is None
     assert await index.list_instances(generate_uid()) == []
     assert await index.get_series(generate_uid()) is None
 

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pydicom
 
 from kp_gateway.errors import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
-from tests.conftest import make_ct_series
+from tests.conftest import instance_uids, make_ct_series
 from tests.integration.test_scp import _store_all
 
 
@@ -65,10 +64,10 @@ async def test_index_that_cannot_write_slows_and_refuses_senders_and_loses_nothi
     finally:
         locker.execute("ROLLBACK")
         locker.close()
-    wanted = {str(pydicom.dcmread(p).SOPInstanceUID) for p in acknowledged}
+    wanted = {instance_uids(p) for p in acknowledged}
     async with asyncio.timeout(60):
         while True:
-            keys = [await gw.index.instance_key(uid) for uid in wanted]
+            keys = [await gw.index.instance_key(*uids) for uids in wanted]
             if all(keys):
                 break
             await asyncio.sleep(0.1)

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from kp_gateway.app import RunningGateway, running
 from kp_gateway.dicom.receive_files import SpoolFile
 from kp_gateway.dicom.scp import PRECREATED_SPOOL_FILES
-from tests.conftest import dataset_bytes, make_ct_series
+from tests.conftest import dataset_bytes, instance_uids, make_ct_series
 
 CT = str(CTImageStorage)
 
@@ -108,7 +108,7 @@ async def test_same_sop_instance_again_replaces_it(
     assert await asyncio.to_thread(_store_all, gw, [path]) == [0]
     await _wait_indexed(gw, 1)
     assert await asyncio.to_thread(_store_all, gw, [second]) == [0]
-    key = await gw.index.instance_key(str(ds.SOPInstanceUID))
+    key = await gw.index.instance_key(*instance_uids(ds))
     assert key is not None
     stored = gw.cfg.data_dir / key
     async with asyncio.timeout(10):
@@ -268,8 +268,7 @@ async def test_receive_modes_store_identical_bytes(
     path = make_ct_series(tmp_path / "s", 1, rows=128)[0]
     assert await asyncio.to_thread(_store_all, gw, [path]) == [0]
     await _wait_indexed(gw, 1)
-    sop = str(pydicom.dcmread(path).SOPInstanceUID)
-    key = await gw.index.instance_key(sop)
+    key = await gw.index.instance_key(*instance_uids(path))
     assert key is not None
     assert dataset_bytes(gw.cfg.data_dir / key) == dataset_bytes(path)
 
@@ -317,7 +316,7 @@ async def test_received_datasets_go_into_precreated_spool_files(
         await _wait_indexed(gw, 5)
         assert reserve.created_in_place == 0  # every dataset went into a precreated file
         for path in paths:
-            key = await gw.index.instance_key(str(pydicom.dcmread(path).SOPInstanceUID))
+            key = await gw.index.instance_key(*instance_uids(path))
             assert key is not None
             assert dataset_bytes(cfg.data_dir / key) == dataset_bytes(path)
         receiving = gw.spool.receiving
@@ -372,7 +371,7 @@ async def test_association_aborted_mid_dataset_leaves_no_spool_file(
         while gw.scp.ae.active_associations or partial_files():
             await asyncio.sleep(0.05)
     assert not any(gw.spool.incoming.rglob("*.dcm"))
-    assert await gw.index.instance_key(str(dataset.SOPInstanceUID)) is None
+    assert await gw.index.instance_key(*instance_uids(dataset)) is None
 
 
 async def test_spool_write_failure_answers_a700_and_keeps_nothing(
@@ -415,6 +414,6 @@ async def test_dataset_spooled_by_pynetdicom_itself_is_committed_too(
     reserve = gw.scp.precreated_files
     assert reserve is not None and reserve.created_in_place == 0
     for path in paths:
-        key = await gw.index.instance_key(str(pydicom.dcmread(path).SOPInstanceUID))
+        key = await gw.index.instance_key(*instance_uids(path))
         assert key is not None
         assert dataset_bytes(gw.cfg.data_dir / key) == dataset_bytes(path)

@@ -40,7 +40,7 @@ from kp_gateway.pipeline.spool import Spool
 from kp_gateway.upload.importer import UploadImporter
 from kp_gateway.upload.record import DONE, FAILED, IMPORTING, RECEIVING, Upload
 from kp_gateway.upload.service import BodyCopier, BodyRead, BodyWriter, UploadParams, UploadService
-from tests.conftest import make_ct_series
+from tests.conftest import instance_uids, make_ct_series
 
 WAIT_S = 30.0  # generous: the machine is shared; a pass takes well under a second
 # No fsync, and stages that do not wait for company: an import settles in milliseconds.
@@ -225,7 +225,7 @@ async def assert_imported(running: Running, upload_id: str, ds: pydicom.Dataset)
     assert doc["instances_imported"] == 1
     assert doc["series"] == [ds.SeriesInstanceUID]
     assert doc["detail"].startswith("1 instances in 1 series")
-    key = await running.index.instance_key(ds.SOPInstanceUID)
+    key = await running.index.instance_key(*instance_uids(ds))
     assert key is not None
     assert await running.storage.size(key) is not None
     assert state_files(running.state_dir) == [f"{upload_id}.json"]
@@ -518,5 +518,5 @@ async def test_restart_resumes_tus_and_fails_interrupted_post(
     await service.append_tus(resumed, half, reader(data[half:]))
     doc = await wait_for_state(second, tus.id, DONE, FAILED)
     assert doc["state"] == DONE, doc
-    assert await second.index.instance_key(ds.SOPInstanceUID) is not None
+    assert await second.index.instance_key(*instance_uids(ds)) is not None
     assert state_files(second.state_dir) == sorted([f"{post_id}.json", f"{tus.id}.json"])
