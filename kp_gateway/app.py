@@ -26,6 +26,7 @@ from kp_gateway.datadir import DataDir, load_or_create_token, lock_data_dir
 from kp_gateway.dicom.scp import Scp
 from kp_gateway.http.app import limit_connections, make_app
 from kp_gateway.http.appkeys import Health
+from kp_gateway.http.dicomweb import setup_dicomweb
 from kp_gateway.http.security import RedactingAccessLogger
 from kp_gateway.http.uploads import DicomEndpoint
 from kp_gateway.metrics import Metrics
@@ -90,6 +91,10 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
     pool = make_process_pool(_pool_size(cfg))
     # Rendering gets its own low-priority pool: it must never queue ahead of header parsing.
     series_pool = make_series_pool(cfg.series.process_pool_size) if cfg.series.enabled else None
+    # DICOMweb reads (metadata, frames) get theirs too, below the receive path's priority.
+    dicomweb_pool = (
+        make_process_pool(cfg.dicomweb.process_pool_size, nice=5) if cfg.dicomweb.enabled else None
+    )
     spool = Spool(cfg.data_dir, fsync=cfg.storage.fsync)
     token, generated = await asyncio.to_thread(load_or_create_token, cfg.data_dir, cfg.http.token)
     await storage.open()
@@ -136,6 +141,14 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             uploads=uploads,
             series_stages=series_stages,
         )
+        if dicomweb_pool is not None:
+            setup_dicomweb(
+                app,
+                index=index,
+                pool=dicomweb_pool,
+                scratch_dir=spool.tmp,
+                pool_backlog=cfg.dicomweb.pool_backlog,
+            )
         runner = web.AppRunner(
             app,
             access_log=logging.getLogger("aiohttp.access"),
@@ -200,6 +213,8 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
         await nifti.aclose()
         if series_pool is not None:
             series_pool.shutdown(wait=True, cancel_futures=True)
+        if dicomweb_pool is not None:
+            dicomweb_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _uploads(

@@ -227,6 +227,19 @@ class SeriesConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DicomWebConfig:
+    """``[dicomweb]``: QIDO-RS and WADO-RS on the HTTP port (``/dicomweb``)."""
+
+    enabled: bool = _ck(True, "Serve DICOMweb at /dicomweb and /projects/<p>/dicomweb.")
+    process_pool_size: int = _ck(
+        2, "Worker processes that read stored instances for metadata and frames.", min=1
+    )
+    pool_backlog: int = _ck(
+        32, "Requests waiting for those workers at once; more wait for their turn.", min=1
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UploadConfig:
     """``[upload]``: HTTP uploads (all limits are enforced while streaming)."""
 
@@ -278,6 +291,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
+    dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

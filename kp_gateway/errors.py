@@ -13,6 +13,9 @@
     │   ├── UnsafeArchiveError                  traversal, symlink, encrypted, corrupt zip
     │   ├── PayloadTooLargeError                upload or extracted size over a cap
     │   ├── UnsupportedMediaError               not a zip / DICOM / NIfTI where one is required
+    │   ├── BadQueryError                       a DICOMweb query or path PS3.18 does not allow
+    │   ├── NotAcceptableError                  no representation the Accept header allows (406)
+    │   ├── UnknownResourceError                no such study, series, instance or frame (404)
     │   └── ConversionError                     NIfTI could not become conformant DICOM
     ├── PipelineFull                            capacity; transient for the sender
     ├── InsufficientStorageError                the disk is full or below its reserve (507 / 0xA700)
@@ -76,6 +79,24 @@ class PayloadTooLargeError(RejectedInputError):
 
 class UnsupportedMediaError(RejectedInputError):
     """The payload is not of a kind this route accepts."""
+
+
+class BadQueryError(RejectedInputError):
+    """A DICOMweb request PS3.18 does not allow: unknown attribute, bad range, bad frame list."""
+
+    code = "bad_query"
+
+
+class NotAcceptableError(RejectedInputError):
+    """Nothing the gateway can answer matches the request's Accept header."""
+
+    code = "not_acceptable"
+
+
+class UnknownResourceError(RejectedInputError):
+    """The study, series, instance, frame or bulk data a DICOMweb path names does not exist."""
+
+    code = "not_found"
 
 
 class ConversionError(RejectedInputError):
@@ -194,6 +215,8 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ObjectNotFoundError, 404),
     (PayloadTooLargeError, 413),
     (UnsupportedMediaError, 415),
+    (NotAcceptableError, 406),
+    (UnknownResourceError, 404),
     (ConversionError, 422),
     (UnknownUploadError, 404),
     (UploadConflictError, 409),

@@ -59,6 +59,9 @@ class InstanceRecord:
     storage_key: str
     # Built only for the first instance of a series seen by a worker process.
     document: dict[str, Any] | None = None
+    # The QIDO-RS attributes of the study, series and instance: DICOM JSON texts
+    # (dicomweb/attributes.py: level_attributes_json).
+    dicomweb_json: tuple[str, str, str] | None = None
 
     def __reduce__(self) -> tuple[type[InstanceRecord], tuple[Any, ...]]:
         # Records come back from the process pool, one per instance. Pickling a slots

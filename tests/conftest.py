@@ -90,6 +90,7 @@ def gateway_overrides(data_dir: Path, **extra: Any) -> dict[str, Any]:
         "http.auth": False,
         "pipeline.series_idle_s": 0.5,
         "pipeline.process_pool_size": 1,
+        "dicomweb.process_pool_size": 1,
         "dicom.min_free_bytes": 0,
     }
     overrides.update({k.replace("__", "."): v for k, v in extra.items()})

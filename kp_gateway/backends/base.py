@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from kp_gateway.dicomweb.qido import QidoQuery, QidoRow
 from kp_gateway.model import InstanceRecord, Routing
 
 
@@ -146,6 +147,17 @@ class IndexBackend(Protocol):
     async def find_instance(self, sop_instance_uid: str) -> list[dict[str, Any]]:
         """Every instance of that SOPInstanceUID (one, unless a sender reused it), newest first:
         ``series_uid``, ``study_uid``, ``storage_key``, ``received_at``."""
+
+    async def qido(self, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+        """One page of a QIDO-RS search within ``query.project``, and whether more follow."""
+
+    async def dicomweb_instances(
+        self, project: str, study_uid: str, series_uid: str | None = None,
+        sop_uid: str | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The instances of a study (or series, or one instance) within `project`, for
+        WADO-RS: ``study_uid``, ``series_uid``, ``sop_uid``, ``sop_class_uid``,
+        ``transfer_syntax_uid``, ``number_of_frames``, ``size``, ``storage_key``."""
 
     async def incomplete_series(self) -> list[str]:
         """Series not yet marked complete (for completion tracking after a restart)."""

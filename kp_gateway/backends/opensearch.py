@@ -36,7 +36,12 @@ import opensearchpy
 from opensearchpy import AsyncOpenSearch
 
 from kp_gateway.backends.base import IndexedInstance, SeriesQuery
-from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
+from kp_gateway.dicomweb.qido import QidoQuery, QidoRow
+from kp_gateway.errors import (
+    BackendRejectedError,
+    BackendUnavailableError,
+    FeatureUnavailableError,
+)
 from kp_gateway.kaapana.completion import completion_fields
 from kp_gateway.kaapana.keys import (
     ADMIN_PROJECT,
@@ -63,6 +68,11 @@ MAX_RESULT_WINDOW = 10_000  # OpenSearch's default index.max_result_window
 SCAN_PAGE = 1000
 TEXT_MATCH_CAP = 10_000  # most series a free-text match over documents contributes
 REFRESH = "wait_for"
+# DICOMweb's study, series and instance attribute index exists for SQLite only so far.
+_NO_DICOMWEB = (
+    'DICOMweb needs the SQLite index (index.backend = "sqlite"); the OpenSearch index '
+    "does not keep the DICOMweb attributes yet"
+)
 
 
 def _date(fmt: str) -> dict[str, Any]:
@@ -874,6 +884,15 @@ class OpenSearchIndex:
             {k: hit["_source"].get(k) for k in fields}
             async for hit in self._scan(INSTANCES, {"term": {"sop_uid": sop_instance_uid}}, sort)
         ]
+
+    async def qido(self, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+        raise FeatureUnavailableError(_NO_DICOMWEB)
+
+    async def dicomweb_instances(
+        self, project: str, study_uid: str, series_uid: str | None = None,
+        sop_uid: str | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        raise FeatureUnavailableError(_NO_DICOMWEB)
 
     async def incomplete_series(self) -> list[str]:
         return [

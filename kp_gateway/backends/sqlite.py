@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kp_gateway.backends.base import IndexedInstance, SeriesQuery
+from kp_gateway.dicomweb.attributes import Level
+from kp_gateway.dicomweb.qido import UID_TAGS, Match, MatchKind, QidoQuery, QidoRow
 from kp_gateway.errors import BackendRejectedError, BackendUnavailableError
 from kp_gateway.kaapana.completion import completion_fields
 from kp_gateway.kaapana.keys import (
@@ -43,7 +45,11 @@ CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, patient_id TEXT NOT NULL,
     modality TEXT NOT NULL, description TEXT NOT NULL, series_date TEXT NOT NULL,
     first_received_at REAL NOT NULL, last_received_at REAL NOT NULL,
-    complete INTEGER NOT NULL DEFAULT 0, completed_at REAL);
+    complete INTEGER NOT NULL DEFAULT 0, completed_at REAL, attrs TEXT);
+CREATE INDEX IF NOT EXISTS series_by_study ON series (study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY, attrs TEXT NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS series_projects (
     series_uid TEXT NOT NULL, project TEXT NOT NULL, PRIMARY KEY (series_uid, project));
 CREATE INDEX IF NOT EXISTS series_projects_by_project ON series_projects (project);
@@ -67,15 +73,16 @@ _INSTANCES_SCHEMA = (
     "series_uid TEXT NOT NULL, sop_uid TEXT NOT NULL, study_uid TEXT NOT NULL, "
     "sop_class_uid TEXT NOT NULL, transfer_syntax_uid TEXT NOT NULL, instance_number INTEGER, "
     "number_of_frames INTEGER, size INTEGER NOT NULL, storage_key TEXT NOT NULL, "
-    "received_at REAL NOT NULL, PRIMARY KEY (series_uid, sop_uid))",
+    "received_at REAL NOT NULL, attrs TEXT, PRIMARY KEY (series_uid, sop_uid))",
     "CREATE INDEX IF NOT EXISTS instances_by_sop ON instances (sop_uid)",
 )
 _INSTANCE_COLUMNS = (
     "series_uid, sop_uid, study_uid, sop_class_uid, transfer_syntax_uid, instance_number, "
     "number_of_frames, size, storage_key, received_at"
 )
-# PRAGMA user_version: 0 = instances keyed by SOPInstanceUID alone; 1 = by series and SOP.
-SCHEMA_VERSION = 1
+# PRAGMA user_version: 0 = instances keyed by SOPInstanceUID alone; 1 = by series and SOP;
+# 2 = the DICOMweb attributes (``attrs``: DICOM JSON texts) of studies, series and instances.
+SCHEMA_VERSION = 2
 
 
 @contextlib.contextmanager
@@ -98,11 +105,17 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring an index of an older gateway to `SCHEMA_VERSION`, in one transaction.
 
     Version 0 keyed instances by SOPInstanceUID alone: its rows are copied as they are (each
-    was the one copy of its SOPInstanceUID) into the table keyed by series and SOP.
+    was the one copy of its SOPInstanceUID) into the table keyed by series and SOP. Before
+    version 2 there were no DICOMweb attributes: ``kp-gateway reindex`` fills them for
+    instances stored earlier.
     """
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version >= SCHEMA_VERSION:
@@ -113,20 +126,99 @@ def _migrate(conn: sqlite3.Connection) -> None:
         old = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
         ).fetchone()
-        if old is not None:
+        if old is not None and version < 1:
             conn.execute("ALTER TABLE instances RENAME TO instances_v0")
             conn.execute("DROP INDEX IF EXISTS instances_by_series")
         for statement in _INSTANCES_SCHEMA:
             conn.execute(statement)
-        if old is not None:
+        if old is not None and version < 1:
             conn.execute(
                 f"INSERT INTO instances ({_INSTANCE_COLUMNS}) "
                 f"SELECT {_INSTANCE_COLUMNS} FROM instances_v0"
             )
             conn.execute("DROP TABLE instances_v0")
+        for table in ("instances", "series"):
+            if "attrs" not in _columns(conn, table):
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN attrs TEXT")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     if old is not None:
-        logger.info("index: instances migrated to schema version %d", SCHEMA_VERSION)
+        logger.info("index: migrated from schema version %d to %d", version, SCHEMA_VERSION)
+
+
+# -- DICOMweb (QIDO-RS) ------------------------------------------------------------------
+
+# The UID columns each search joins, by the level whose UID they hold.
+_UID_COLUMNS = {
+    Level.STUDY: {Level.STUDY: "st.study_uid"},
+    Level.SERIES: {Level.STUDY: "s.study_uid", Level.SERIES: "s.series_uid"},
+    Level.INSTANCE: {
+        Level.STUDY: "i.study_uid",
+        Level.SERIES: "i.series_uid",
+        Level.INSTANCE: "i.sop_uid",
+    },
+}
+_ATTRS = {Level.STUDY: "st.attrs", Level.SERIES: "s.attrs", Level.INSTANCE: "i.attrs"}
+_NUMERIC_VRS = {"IS", "US", "UL", "SS", "SL", "DS", "FL", "FD"}
+
+
+def _glob(pattern: str) -> str:
+    """A DICOM wildcard (``*``, ``?``) as a GLOB pattern: ``[`` and ``]`` are literal."""
+    return "".join("[" + c + "]" if c in "[]" else c for c in pattern)
+
+
+def _match_sql(search: Level, m: Match, args: list[Any]) -> str:
+    """One matching key as an SQL condition (appending its parameters to `args`)."""
+    if m.kind is MatchKind.UNIVERSAL:
+        return ""
+    uid_column = _UID_COLUMNS[search].get(m.level) if m.tag in UID_TAGS else None
+    if uid_column is not None:
+        args.extend(m.values)
+        return f"{uid_column} IN ({', '.join('?' * len(m.values))})"
+    # Every value of a multi-valued attribute matches (PS3.4 C.2.2.2: any value).
+    path = f'$."{m.tag}".Value'
+    value = "json_extract(v.value, '$.Alphabetic')" if m.vr == "PN" else "v.value"
+    if m.vr == "PN":  # person names match case-insensitively, as viewers' searches expect
+        value = f"lower({value})"
+    if m.kind is MatchKind.RANGE:
+        low, high = m.values
+        conds = []
+        if low:
+            conds.append(f"{value} >= ?")
+            args.append(low)
+        if high:
+            conds.append(f"{value} <= ?")
+            # A time's upper bound "1030" includes 10:30:59.
+            args.append(high.ljust(6, "9") if m.vr == "TM" else high)
+        cond = " AND ".join(conds)
+    elif m.kind is MatchKind.WILDCARD:
+        cond = f"{value} GLOB ?"
+        pattern = _glob(m.values[0])
+        args.append(pattern.lower() if m.vr == "PN" else pattern)
+    else:
+        wanted = [v.lower() if m.vr == "PN" else v for v in m.values]
+        if m.vr in _NUMERIC_VRS:
+            cond = f"CAST({value} AS REAL) IN ({', '.join(['CAST(? AS REAL)'] * len(wanted))})"
+        else:
+            cond = f"{value} IN ({', '.join('?' * len(wanted))})"
+        args.extend(wanted)
+    return f"EXISTS (SELECT 1 FROM json_each({_ATTRS[m.level]}, '{path}') v WHERE {cond})"
+
+
+def _where(query: QidoQuery, args: list[Any]) -> str:
+    conds = [c for m in query.matches if (c := _match_sql(query.level, m, args))]
+    if query.modalities_in_study:
+        study = _UID_COLUMNS[query.level][Level.STUDY]
+        conds.append(
+            "EXISTS (SELECT 1 FROM series ms JOIN series_projects msp ON "
+            f"msp.series_uid = ms.series_uid AND msp.project = ? WHERE ms.study_uid = {study} "
+            f"AND ms.modality IN ({', '.join('?' * len(query.modalities_in_study))}))"
+        )
+        args.extend([query.project, *query.modalities_in_study])
+    return " AND ".join(conds) or "1"
+
+
+def _in(values: Sequence[str]) -> str:
+    return ", ".join("?" * len(values))
 
 
 class SqliteIndex:
@@ -207,10 +299,13 @@ class SqliteIndex:
     ) -> None:
         rec, routing, now = item.record, item.routing, item.received_at
         targets = index_targets(routing, projects)
+        study_attrs, series_attrs, instance_attrs = rec.dicomweb_json or (None, None, None)
         # The same instance again (same series, same SOP) replaces the earlier copy.
         conn.execute(
-            f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO instances ({_INSTANCE_COLUMNS}, attrs) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (series_uid, sop_uid) DO UPDATE SET study_uid = excluded.study_uid, "
+            "attrs = excluded.attrs, "
             "sop_class_uid = excluded.sop_class_uid, "
             "transfer_syntax_uid = excluded.transfer_syntax_uid, "
             "instance_number = excluded.instance_number, "
@@ -227,14 +322,17 @@ class SqliteIndex:
                 rec.size_bytes,
                 rec.storage_key,
                 now,
+                instance_attrs,
             ),
         )
         # A late instance re-opens a completed series; completion runs again after it.
         conn.execute(
             "INSERT INTO series (series_uid, study_uid, patient_id, modality, description, "
-            "series_date, first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "series_date, first_received_at, last_received_at, attrs) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (series_uid) DO UPDATE SET last_received_at = "
-            "max(series.last_received_at, excluded.last_received_at), complete = 0",
+            "max(series.last_received_at, excluded.last_received_at), complete = 0, "
+            "attrs = coalesce(excluded.attrs, series.attrs)",
             (
                 rec.series_instance_uid,
                 rec.study_instance_uid,
@@ -244,8 +342,17 @@ class SqliteIndex:
                 rec.series_date,
                 now,
                 now,
+                series_attrs,
             ),
         )
+        if study_attrs is not None:
+            # The study's attributes as its latest instance has them.
+            conn.execute(
+                "INSERT INTO studies (study_uid, attrs, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (study_uid) DO UPDATE SET "
+                "attrs = excluded.attrs, updated_at = excluded.updated_at",
+                (rec.study_instance_uid, study_attrs, now, now),
+            )
         for project in targets:
             conn.execute(
                 "INSERT OR IGNORE INTO series_projects (series_uid, project) VALUES (?, ?)",
@@ -548,6 +655,29 @@ class SqliteIndex:
             ]
         )
 
+    async def qido(self, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+        return await self._run(lambda c: _QIDO[query.level](c, query))
+
+    async def dicomweb_instances(
+        self, project: str, study_uid: str, series_uid: str | None = None,
+        sop_uid: str | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        where = ["i.study_uid = ?"]
+        args: list[Any] = [project, study_uid]
+        if series_uid is not None:
+            where.append("i.series_uid = ?")
+            args.append(series_uid)
+        if sop_uid is not None:
+            where.append("i.sop_uid = ?")
+            args.append(sop_uid)
+        sql = (
+            "SELECT i.study_uid, i.series_uid, i.sop_uid, i.sop_class_uid, "
+            "i.transfer_syntax_uid, i.number_of_frames, i.size, i.storage_key FROM instances i "
+            "JOIN series_projects sp ON sp.series_uid = i.series_uid AND sp.project = ? "
+            f"WHERE {' AND '.join(where)} ORDER BY i.series_uid, i.instance_number, i.sop_uid"
+        )
+        return await self._run(lambda c: [dict(r) for r in c.execute(sql, args)])
+
     async def incomplete_series(self) -> list[str]:
         return await self._run(
             lambda c: [r[0] for r in c.execute("SELECT series_uid FROM series WHERE complete = 0")]
@@ -556,3 +686,111 @@ class SqliteIndex:
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _search_studies(conn: sqlite3.Connection, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+    args: list[Any] = [query.project]
+    where = _where(query, args)
+    rows = conn.execute(
+        "SELECT st.study_uid, st.attrs FROM studies st WHERE EXISTS (SELECT 1 FROM series s "
+        "JOIN series_projects sp ON sp.series_uid = s.series_uid AND sp.project = ? "
+        f"WHERE s.study_uid = st.study_uid) AND {where} "
+        "ORDER BY st.created_at, st.study_uid LIMIT ? OFFSET ?",
+        [*args, query.limit + 1, query.offset],
+    ).fetchall()
+    more, rows = len(rows) > query.limit, rows[: query.limit]
+    uids = [r[0] for r in rows]
+    series: dict[str, tuple[int, list[str]]] = {}
+    instances: dict[str, int] = {}
+    if uids:
+        for uid, count, modalities in conn.execute(
+            "SELECT s.study_uid, count(*), group_concat(DISTINCT s.modality) FROM series s "
+            "JOIN series_projects sp ON sp.series_uid = s.series_uid AND sp.project = ? "
+            f"WHERE s.study_uid IN ({_in(uids)}) GROUP BY s.study_uid",
+            [query.project, *uids],
+        ):
+            series[uid] = (count, [m for m in (modalities or "").split(",") if m])
+        for uid, count in conn.execute(
+            "SELECT s.study_uid, count(*) FROM series s JOIN series_projects sp "
+            "ON sp.series_uid = s.series_uid AND sp.project = ? JOIN instances i "
+            f"ON i.series_uid = s.series_uid WHERE s.study_uid IN ({_in(uids)}) "
+            "GROUP BY s.study_uid",
+            [query.project, *uids],
+        ):
+            instances[uid] = count
+    return [
+        QidoRow(
+            study_uid=uid,
+            study_json=attrs,
+            modalities=series.get(uid, (0, []))[1],
+            study_series=series.get(uid, (0, []))[0],
+            study_instances=instances.get(uid, 0),
+        )
+        for uid, attrs in rows
+    ], more
+
+
+def _search_series(conn: sqlite3.Connection, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+    args: list[Any] = [query.project]
+    where = _where(query, args)
+    rows = conn.execute(
+        "SELECT s.study_uid, s.series_uid, coalesce(st.attrs, '{}'), coalesce(s.attrs, '{}') "
+        "FROM series s JOIN series_projects sp ON sp.series_uid = s.series_uid "
+        "AND sp.project = ? LEFT JOIN studies st ON st.study_uid = s.study_uid "
+        f"WHERE {where} ORDER BY s.first_received_at, s.series_uid LIMIT ? OFFSET ?",
+        [*args, query.limit + 1, query.offset],
+    ).fetchall()
+    more, rows = len(rows) > query.limit, rows[: query.limit]
+    uids = [r[1] for r in rows]
+    counts: dict[str, int] = {}
+    if uids:
+        counts = dict(
+            conn.execute(
+                "SELECT series_uid, count(*) FROM instances "
+                f"WHERE series_uid IN ({_in(uids)}) GROUP BY series_uid",
+                uids,
+            ).fetchall()
+        )
+    return [
+        QidoRow(
+            study_uid=study,
+            series_uid=uid,
+            study_json=study_attrs,
+            series_json=series_attrs,
+            series_instances=counts.get(uid, 0),
+        )
+        for study, uid, study_attrs, series_attrs in rows
+    ], more
+
+
+def _search_instances(conn: sqlite3.Connection, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+    args: list[Any] = [query.project]
+    where = _where(query, args)
+    rows = conn.execute(
+        "SELECT i.study_uid, i.series_uid, i.sop_uid, coalesce(st.attrs, '{}'), "
+        "coalesce(s.attrs, '{}'), coalesce(i.attrs, '{}') FROM instances i "
+        "JOIN series_projects sp ON sp.series_uid = i.series_uid AND sp.project = ? "
+        "JOIN series s ON s.series_uid = i.series_uid "
+        "LEFT JOIN studies st ON st.study_uid = i.study_uid "
+        f"WHERE {where} ORDER BY i.series_uid, i.instance_number, i.sop_uid LIMIT ? OFFSET ?",
+        [*args, query.limit + 1, query.offset],
+    ).fetchall()
+    more, rows = len(rows) > query.limit, rows[: query.limit]
+    return [
+        QidoRow(
+            study_uid=study,
+            series_uid=series,
+            sop_uid=sop,
+            study_json=study_attrs,
+            series_json=series_attrs,
+            instance_json=instance_attrs,
+        )
+        for study, series, sop, study_attrs, series_attrs, instance_attrs in rows
+    ], more
+
+
+_QIDO = {
+    Level.STUDY: _search_studies,
+    Level.SERIES: _search_series,
+    Level.INSTANCE: _search_instances,
+}

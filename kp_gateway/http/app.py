@@ -117,6 +117,14 @@ def _tokens_equal(offered: str, token: str) -> bool:
     return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token.encode())
 
 
+def is_api_path(path: str) -> bool:
+    """Routes for programs (the JSON API, DICOMweb): a 401, never a redirect to the login."""
+    if path.startswith(("/api/", "/dicomweb/")) or path == "/dicomweb":
+        return True
+    parts = path.split("/")  # /projects/<p>/dicomweb/...
+    return len(parts) >= 4 and parts[1] == "projects" and parts[3] == "dicomweb"
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer token, session cookie, or ``?token=``; the Host check when auth is off.
@@ -147,7 +155,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if (
             _tokens_equal(offered, token)
             and request.method == "GET"
-            and not request.path.startswith("/api/")
+            and not is_api_path(request.path)
         ):
             # As Jupyter does: trade the URL token for a cookie and drop it from the URL.
             query = {k: v for k, v in request.query.items() if k != "token"}
@@ -156,7 +164,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise response
     if offered and _tokens_equal(offered, token):
         return await handler(request)
-    if request.path.startswith("/api/"):
+    if is_api_path(request.path):
         return json_error(
             401, "unauthorized", "missing or wrong token", **{"WWW-Authenticate": "Bearer"}
         )

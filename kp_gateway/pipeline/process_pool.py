@@ -22,6 +22,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 
+from kp_gateway.dicomweb.attributes import level_attributes_json
 from kp_gateway.errors import GatewayError, InvalidDicomError
 from kp_gateway.model import InstanceRecord
 from kp_gateway.uids import storage_key
@@ -124,6 +125,7 @@ def read_instance(
         size_bytes=Path(path).stat().st_size,
         storage_key=key,
         document=document,
+        dicomweb_json=level_attributes_json(ds),
     )
 
 

@@ -1,0 +1,299 @@
+"""DICOMweb (PS3.18) on the HTTP port: QIDO-RS and WADO-RS at ``/dicomweb`` (every series, as
+``admin`` sees it) and at ``/projects/{project}/dicomweb`` (that project's series only).
+
+Handlers run on the event loop. Searches are one index call; stored instances stream from
+storage; metadata, frames and bulk data are read in the DICOMweb process pool
+(:mod:`kp_gateway.dicomweb.instances`), never in the receiving interpreter. Errors are domain
+exceptions the error middleware turns into statuses (400 bad query, 404, 406).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import MultipartWriter, web
+from aiohttp.payload import AsyncIterablePayload, BytesPayload
+
+from kp_gateway.backends.base import IndexBackend, StorageBackend
+from kp_gateway.dicomweb import instances as pool_tasks
+from kp_gateway.dicomweb.attributes import Level
+from kp_gateway.dicomweb.media import (
+    DICOM_JSON,
+    check_instances_accept,
+    choose_frames,
+    choose_json,
+    frame_media_type,
+)
+from kp_gateway.dicomweb.qido import parse_query, response_json, warnings_for
+from kp_gateway.errors import BadQueryError, UnknownResourceError
+from kp_gateway.http.appkeys import INDEX_KEY, STORAGE_KEY
+from kp_gateway.kaapana.keys import ADMIN_PROJECT
+from kp_gateway.uids import is_valid_uid
+
+T = TypeVar("T")
+
+ROOT = "/dicomweb"
+PROJECT_ROOT = "/projects/{project}/dicomweb"
+# Frames one request may name: a viewer asks for one; a whole multi-frame at most.
+MAX_FRAMES_PER_REQUEST = 10_000
+
+
+@dataclass
+class DicomWebRuntime:
+    """What the DICOMweb handlers need beyond the index and storage: the process pool that
+    reads stored instances, a bound on the tasks waiting for it, and a scratch folder for
+    objects that are not local files (S3)."""
+
+    pool: Executor
+    scratch_dir: Path
+    pending: asyncio.Semaphore
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` in the pool; waits (bounded) when the pool is busy."""
+        async with self.pending:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.pool, _call, fn, args, kwargs)
+
+
+def _call(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+    return fn(*args, **kwargs)
+
+
+RUNTIME_KEY = web.AppKey("dicomweb_runtime", DicomWebRuntime)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which series a request sees (`project`) and the root URL its links are written under."""
+
+    project: str
+    root: str
+
+
+async def _scope(request: web.Request) -> Scope:
+    origin = f"{request.scheme}://{request.host}"
+    project = request.match_info.get("project")
+    if project is None:
+        return Scope(ADMIN_PROJECT, origin + ROOT)
+    if not await request.app[INDEX_KEY].project_exists(project):
+        raise UnknownResourceError(f"no project {project[:40]!r}")
+    return Scope(project, origin + PROJECT_ROOT.format(project=project))
+
+
+def _uid(request: web.Request, name: str) -> str | None:
+    uid = request.match_info.get(name)
+    if uid is not None and not is_valid_uid(uid):
+        raise UnknownResourceError(f"no such UID {uid[:80]!r}")
+    return uid
+
+
+def _json(body: str, content_type: str, **headers: str) -> web.Response:
+    return web.Response(
+        body=body.encode(), headers={"Content-Type": content_type, **headers}, charset=None
+    )
+
+
+# -- QIDO-RS ---------------------------------------------------------------------------------
+
+
+def _search(level: Level) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.Response:
+        content_type = choose_json(request.headers.get("Accept"))
+        scope = await _scope(request)
+        query = parse_query(
+            level,
+            scope.project,
+            list(request.query.items()),
+            study_uid=_uid(request, "study"),
+            series_uid=_uid(request, "series"),
+        )
+        rows, more = await request.app[INDEX_KEY].qido(query)
+        warnings = warnings_for(query, len(rows), more)
+        response = _json(response_json(level, rows, scope.root), content_type)
+        for warning in warnings:
+            response.headers.add("Warning", warning)
+        return response
+
+    handler.__doc__ = f"QIDO-RS search for {level.value} (PS3.18 10.6)."
+    return handler
+
+
+# -- WADO-RS: instances -------------------------------------------------------------------
+
+
+async def _instances(request: web.Request, scope: Scope) -> list[dict[str, Any]]:
+    study = _uid(request, "study")
+    assert study is not None
+    series, sop = _uid(request, "series"), _uid(request, "instance")
+    found = await request.app[INDEX_KEY].dicomweb_instances(scope.project, study, series, sop)
+    if not found:
+        what = f"instance {sop}" if sop else f"series {series}" if series else f"study {study}"
+        raise UnknownResourceError(f"no {what} here")
+    return found
+
+
+def _boundary() -> str:
+    return uuid.uuid4().hex
+
+
+async def _send_multipart(
+    request: web.Request, part_type: str, parts: MultipartWriter, boundary: str
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": f'multipart/related; type="{part_type}"; boundary={boundary}'}
+    )
+    await response.prepare(request)
+    await parts.write(response)  # type: ignore[arg-type]
+    await response.write_eof()
+    return response
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    """WADO-RS retrieval of a study, series or instance: the stored Part-10 bytes, one part
+    each, streamed from storage."""
+    scope = await _scope(request)
+    found = await _instances(request, scope)
+    check_instances_accept(
+        request.headers.get("Accept"), {str(i["transfer_syntax_uid"]) for i in found}
+    )
+    storage = request.app[STORAGE_KEY]
+    boundary = _boundary()
+    with MultipartWriter("related", boundary=boundary) as parts:
+        for item in found:
+            chunks = storage.read_chunks(str(item["storage_key"]))
+            syntax = item["transfer_syntax_uid"]
+            parts.append_payload(
+                AsyncIterablePayload(
+                    chunks, content_type=f"application/dicom; transfer-syntax={syntax}"
+                )
+            )
+    return await _send_multipart(request, "application/dicom", parts, boundary)
+
+
+@contextlib.asynccontextmanager
+async def _local_files(
+    runtime: DicomWebRuntime, storage: StorageBackend, keys: Sequence[str]
+) -> AsyncIterator[list[str]]:
+    """Paths of the objects `keys` the pool can open: storage's own files, or copies in a
+    scratch folder (removed afterwards) for a backend that has none."""
+    local = [storage.local_path(k) for k in keys]
+    if all(p is not None for p in local):
+        yield [str(p) for p in local]
+        return
+    with tempfile.TemporaryDirectory(dir=runtime.scratch_dir, prefix="dicomweb-") as folder:
+        paths = []
+        for n, key in enumerate(keys):
+            dest = Path(folder) / f"{n}.dcm"
+            await storage.fetch_to_file(key, dest)
+            paths.append(str(dest))
+        yield paths
+
+
+def _instance_path(item: dict[str, Any]) -> str:
+    return f"studies/{item['study_uid']}/series/{item['series_uid']}/instances/{item['sop_uid']}"
+
+
+async def metadata(request: web.Request) -> web.Response:
+    """WADO-RS metadata of a study, series or instance: DICOM JSON, bulk data by URI."""
+    content_type = choose_json(request.headers.get("Accept"))
+    scope = await _scope(request)
+    found = await _instances(request, scope)
+    runtime = request.app[RUNTIME_KEY]
+    async with _local_files(
+        runtime, request.app[STORAGE_KEY], [str(i["storage_key"]) for i in found]
+    ) as paths:
+        items = [(path, _instance_path(i)) for path, i in zip(paths, found, strict=True)]
+        text = await runtime.run(pool_tasks.series_metadata, items)
+    return _json(text.replace(pool_tasks.ROOT_PLACEHOLDER, scope.root), content_type)
+
+
+def _frame_list(raw: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in raw.split(",")]
+    except ValueError:
+        raise BadQueryError(
+            f"frames must be a comma-separated list of numbers: {raw[:80]!r}"
+        ) from None
+    if not numbers or len(numbers) > MAX_FRAMES_PER_REQUEST or min(numbers) < 1:
+        raise BadQueryError(f"frame numbers start at 1; at most {MAX_FRAMES_PER_REQUEST}")
+    return numbers
+
+
+async def frames(request: web.Request) -> web.StreamResponse:
+    """WADO-RS frames: as stored when the Accept header allows it (``transfer-syntax=*``),
+    else decoded to native little endian."""
+    numbers = _frame_list(request.match_info["frames"])
+    scope = await _scope(request)
+    (item,) = await _instances(request, scope)
+    stored = str(item["transfer_syntax_uid"])
+    choice = choose_frames(request.headers.get("Accept"), stored)
+    runtime = request.app[RUNTIME_KEY]
+    async with _local_files(runtime, request.app[STORAGE_KEY], [str(item["storage_key"])]) as (
+        path,
+    ):
+        data, syntax = await runtime.run(
+            pool_tasks.read_frames, path, numbers, decode=choice.decode
+        )
+    media = frame_media_type(syntax)
+    boundary = _boundary()
+    with MultipartWriter("related", boundary=boundary) as parts:
+        for frame in data:
+            parts.append_payload(
+                BytesPayload(frame, content_type=f"{media}; transfer-syntax={syntax}")
+            )
+    return await _send_multipart(request, media, parts, boundary)
+
+
+async def bulkdata(request: web.Request) -> web.StreamResponse:
+    """The value of one top-level element a metadata BulkDataURI names."""
+    try:
+        tag = int(request.match_info["tag"], 16)
+    except ValueError:
+        raise UnknownResourceError("not a tag") from None
+    scope = await _scope(request)
+    (item,) = await _instances(request, scope)
+    runtime = request.app[RUNTIME_KEY]
+    async with _local_files(runtime, request.app[STORAGE_KEY], [str(item["storage_key"])]) as (
+        path,
+    ):
+        value = await runtime.run(pool_tasks.read_bulkdata, path, tag)
+    boundary = _boundary()
+    with MultipartWriter("related", boundary=boundary) as parts:
+        parts.append_payload(BytesPayload(value, content_type="application/octet-stream"))
+    return await _send_multipart(request, "application/octet-stream", parts, boundary)
+
+
+def setup_dicomweb(
+    app: web.Application, *, index: IndexBackend, pool: Executor, scratch_dir: Path,
+    pool_backlog: int,
+) -> None:  # fmt: skip
+    """Add the DICOMweb routes under both roots."""
+    app[INDEX_KEY] = index
+    app[RUNTIME_KEY] = DicomWebRuntime(pool, scratch_dir, asyncio.Semaphore(pool_backlog))
+    for root in (ROOT, PROJECT_ROOT):
+        r = app.router
+        study = root + "/studies/{study}"
+        series = study + "/series/{series}"
+        instance = series + "/instances/{instance}"
+        r.add_get(root + "/studies", _search(Level.STUDY))
+        r.add_get(root + "/series", _search(Level.SERIES))
+        r.add_get(root + "/instances", _search(Level.INSTANCE))
+        r.add_get(study + "/series", _search(Level.SERIES))
+        r.add_get(study + "/instances", _search(Level.INSTANCE))
+        r.add_get(series + "/instances", _search(Level.INSTANCE))
+        for resource in (study, series, instance):
+            r.add_get(resource, retrieve)
+            r.add_get(resource + "/metadata", metadata)
+        r.add_get(instance + "/frames/{frames}", frames)
+        r.add_get(instance + "/bulkdata/{tag}", bulkdata)
+
+
+__all__ = ["DICOM_JSON", "PROJECT_ROOT", "ROOT", "setup_dicomweb"]

@@ -1,0 +1,294 @@
+"""DICOMweb on a running gateway, with dicomweb-client (PyPI) as the client (issue 11).
+
+Instances arrive by C-STORE (pynetdicom, each file in its own transfer syntax): two CT studies
+of different patients, a JPEG 2000 NM image, a two-frame RLE image and a highdicom SEG. Then
+QIDO-RS at every level with the matching rules (table-driven), WADO-RS retrieval (the bytes
+stored), metadata, frames (equal to pydicom's decoding), project scoping and PS3.18 errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from kp_gateway.app import RunningGateway
+from tests.conftest import make_ct_series, tissue_segment, write_segmentation
+from tests.integration.test_scp import _wait_indexed
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _send(gw: RunningGateway, paths: list[Path], called: str = "kp-admin") -> None:
+    """C-STORE each file in its own transfer syntax (blocking; run via to_thread)."""
+    ae = AE(ae_title="kp-tests")
+    datasets = [pydicom.dcmread(p) for p in paths]
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gw.scp.port, ae_title=called)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+    assert statuses == [0] * len(paths)
+
+
+def _mr_study(folder: Path) -> list[Path]:
+    paths = make_ct_series(folder, 2, patient_id="P0002")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.PatientName = "Doe^Jane"
+        ds.StudyDate = "20231201"
+        ds.AccessionNumber = "ACC-7"
+        ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+class Corpus:
+    def __init__(self, tmp_path: Path) -> None:
+        self.ct = make_ct_series(tmp_path / "ct", 3)
+        for path in self.ct:  # what highdicom copies from a SEG's source images
+            ds = pydicom.dcmread(path)
+            ds.PatientBirthDate, ds.PatientSex, ds.AccessionNumber = "19700101", "O", "ACC-1"
+            ds.StudyID, ds.ReferringPhysicianName, ds.SeriesNumber = "1", "", 1
+            ds.save_as(path, enforce_file_format=True)
+        self.mr = _mr_study(tmp_path / "mr")
+        self.j2k = Path(str(get_testdata_file("JPEG2000.dcm")))
+        self.rle = Path(str(get_testdata_file("SC_rgb_rle_2frame.dcm")))
+        sources = [pydicom.dcmread(p) for p in self.ct]
+        mask = np.zeros((len(sources), 32, 32), dtype=bool)
+        mask[1, 8:16, 8:16] = True
+        self.seg = tmp_path / "seg.dcm"
+        write_segmentation(self.seg, sources, mask, [tissue_segment(1, "box")])
+        self.all = [*self.ct, *self.mr, self.j2k, self.rle, self.seg]
+
+    def ds(self, path: Path) -> pydicom.Dataset:
+        return pydicom.dcmread(path)
+
+
+@pytest.fixture
+async def loaded(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> tuple[RunningGateway, Corpus]:
+    gw = await make_gateway(make_config())
+    corpus = Corpus(tmp_path)
+    await asyncio.to_thread(_send, gw, corpus.all)
+    await _wait_indexed(gw, len(corpus.all))
+    return gw, corpus
+
+
+def _client(gw: RunningGateway, root: str = "/dicomweb") -> DICOMwebClient:
+    return DICOMwebClient(url=f"http://127.0.0.1:{gw.http_port}{root}")
+
+
+def _value(result: dict[str, Any], tag: str) -> Any:
+    values = result.get(tag, {}).get("Value", [])
+    return values[0] if len(values) == 1 else values
+
+
+async def test_study_search_matching_rules(loaded: tuple[RunningGateway, Corpus]) -> None:
+    gw, corpus = loaded
+    client = _client(gw)
+    ct, mr = corpus.ds(corpus.ct[0]), corpus.ds(corpus.mr[0])
+    j2k = corpus.ds(corpus.j2k)
+    cases: list[tuple[dict[str, Any], set[str]]] = [
+        ({}, {ct.StudyInstanceUID, mr.StudyInstanceUID, j2k.StudyInstanceUID,
+              corpus.ds(corpus.rle).StudyInstanceUID}),
+        ({"PatientID": "P0002"}, {mr.StudyInstanceUID}),
+        ({"PatientName": "doe*"}, {mr.StudyInstanceUID}),  # PN: wildcard, any case
+        ({"PatientName": "D?E^JANE"}, {mr.StudyInstanceUID}),
+        ({"PatientName": "Doe"}, set()),  # single value: the whole name
+        ({"StudyDate": "20231101-20231231"}, {mr.StudyInstanceUID}),
+        ({"StudyDate": "-20231231", "PatientID": "P000*"}, {mr.StudyInstanceUID}),
+        ({"StudyDate": "20240315-", "PatientID": "P0001"}, {ct.StudyInstanceUID}),
+        ({"ModalitiesInStudy": "MR"}, {mr.StudyInstanceUID}),
+        ({"ModalitiesInStudy": "SEG"}, {ct.StudyInstanceUID}),  # the SEG joined the CT study
+        ({"AccessionNumber": "ACC-7"}, {mr.StudyInstanceUID}),
+        ({"StudyInstanceUID": f"{ct.StudyInstanceUID},{mr.StudyInstanceUID}"},
+         {ct.StudyInstanceUID, mr.StudyInstanceUID}),
+    ]  # fmt: skip
+    for filters, expected in cases:
+        found = await asyncio.to_thread(
+            client.search_for_studies, search_filters=filters, fuzzymatching=True
+        )
+        assert {_value(r, "0020000D") for r in found} == expected, filters
+    (study,) = await asyncio.to_thread(
+        client.search_for_studies, search_filters={"StudyInstanceUID": ct.StudyInstanceUID}
+    )
+    assert sorted(_value(study, "00080061")) == ["CT", "SEG"]  # ModalitiesInStudy
+    assert _value(study, "00201206") == 2  # NumberOfStudyRelatedSeries
+    assert _value(study, "00201208") == 4  # NumberOfStudyRelatedInstances
+    assert _value(study, "00100010") == {"Alphabetic": "Test^Patient"}
+    assert _value(study, "00081190").endswith(f"/dicomweb/studies/{ct.StudyInstanceUID}")
+    page1 = await asyncio.to_thread(client.search_for_studies, limit=2, offset=0)
+    page2 = await asyncio.to_thread(client.search_for_studies, limit=2, offset=2)
+    uids = [_value(r, "0020000D") for r in page1 + page2]
+    assert len(uids) == 4 == len(set(uids))
+
+
+async def test_series_and_instance_search(loaded: tuple[RunningGateway, Corpus]) -> None:
+    gw, corpus = loaded
+    client = _client(gw)
+    ct = corpus.ds(corpus.ct[0])
+    series = await asyncio.to_thread(client.search_for_series, ct.StudyInstanceUID)
+    assert {_value(s, "00080060") for s in series} == {"CT", "SEG"}
+    counts = {_value(s, "00080060"): _value(s, "00201209") for s in series}
+    assert counts == {"CT": 3, "SEG": 1}
+    mr_series = await asyncio.to_thread(client.search_for_series, search_filters={"Modality": "MR"})
+    assert [_value(s, "00100020") for s in mr_series] == ["P0002"]  # study attributes too
+    instances = await asyncio.to_thread(
+        client.search_for_instances, ct.StudyInstanceUID, ct.SeriesInstanceUID
+    )
+    assert [_value(i, "00200013") for i in instances] == [1, 2, 3]
+    (second,) = await asyncio.to_thread(
+        client.search_for_instances,
+        ct.StudyInstanceUID,
+        ct.SeriesInstanceUID,
+        search_filters={"InstanceNumber": "2"},
+    )
+    assert _value(second, "00080018") == corpus.ds(corpus.ct[1]).SOPInstanceUID
+    everywhere = await asyncio.to_thread(
+        client.search_for_instances, search_filters={"SOPClassUID": ct.SOPClassUID}
+    )
+    assert len(everywhere) == 5  # three CT and two MR-as-CT-class instances
+
+
+async def test_retrieve_gives_the_stored_bytes(loaded: tuple[RunningGateway, Corpus]) -> None:
+    gw, corpus = loaded
+    client = _client(gw)
+    ct = corpus.ds(corpus.ct[0])
+    study = await asyncio.to_thread(client.retrieve_study, ct.StudyInstanceUID)
+    assert len(study) == 4
+    # Byte for byte, read with aiohttp's multipart reader.
+    for path in (corpus.j2k, corpus.rle, corpus.ct[0]):
+        ds = corpus.ds(path)
+        url = (
+            f"http://127.0.0.1:{gw.http_port}/dicomweb/studies/{ds.StudyInstanceUID}"
+            f"/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        )
+        async with aiohttp.ClientSession() as http:
+            accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+            async with http.get(url, headers={"Accept": accept}) as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"].startswith("multipart/related")
+                reader = aiohttp.MultipartReader.from_response(r)
+                part = await reader.next()
+                assert part is not None
+                data = await part.read()  # type: ignore[union-attr]
+                assert await reader.next() is None
+        stored = gw.cfg.data_dir / next(
+            (gw.cfg.data_dir / "dicom").rglob(f"{ds.SOPInstanceUID}.dcm")
+        ).relative_to(gw.cfg.data_dir)
+        assert data == stored.read_bytes()
+        assert pydicom.dcmread(path).PixelData == ds.PixelData
+
+
+async def test_metadata_and_frames(loaded: tuple[RunningGateway, Corpus]) -> None:
+    gw, corpus = loaded
+    client = _client(gw)
+    ct = corpus.ds(corpus.ct[0])
+    metadata = await asyncio.to_thread(
+        client.retrieve_series_metadata, ct.StudyInstanceUID, ct.SeriesInstanceUID
+    )
+    assert sorted(_value(m, "00200013") for m in metadata) == [1, 2, 3]
+    for item in metadata:
+        # dicomweb-client sends "Host: 127.0.0.1" without the port; URLs follow the Host.
+        uri = item["7FE00010"]["BulkDataURI"]
+        assert uri.startswith("http://127.0.0.1") and "/dicomweb/studies/" in uri
+        assert uri.endswith(f"/instances/{_value(item, '00080018')}/bulkdata/7FE00010")
+        assert "Value" not in item["7FE00010"]
+    study_meta = await asyncio.to_thread(client.retrieve_study_metadata, ct.StudyInstanceUID)
+    assert len(study_meta) == 4
+    # Native frames: the stored bytes of that frame.
+    (frame,) = await asyncio.to_thread(
+        client.retrieve_instance_frames,
+        ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID, frame_numbers=[1],
+    )  # fmt: skip
+    assert frame == ct.PixelData
+    # RLE, two frames: as stored with transfer-syntax=*, decoded otherwise.
+    rle = corpus.ds(corpus.rle)
+    frames = await asyncio.to_thread(
+        client.retrieve_instance_frames,
+        rle.StudyInstanceUID, rle.SeriesInstanceUID, rle.SOPInstanceUID, frame_numbers=[2, 1],
+        media_types=(("application/octet-stream", "1.2.840.10008.1.2.1"),),
+    )  # fmt: skip
+    decoded = rle.pixel_array
+    assert frames[0] == decoded[1].tobytes() and frames[1] == decoded[0].tobytes()
+    j2k = corpus.ds(corpus.j2k)
+    (compressed,) = await asyncio.to_thread(
+        client.retrieve_instance_frames,
+        j2k.StudyInstanceUID, j2k.SeriesInstanceUID, j2k.SOPInstanceUID, frame_numbers=[1],
+        media_types=(("image/jp2", "1.2.840.10008.1.2.4.91"),),
+    )  # fmt: skip
+    from pydicom.encaps import generate_frames
+
+    assert compressed == next(generate_frames(j2k.PixelData, number_of_frames=1))
+
+
+async def test_project_scoping_and_errors(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    gw = await make_gateway(make_config())
+    await gw.index.create_project("neuro")
+    lab = make_ct_series(tmp_path / "lab", 1)
+    neuro = make_ct_series(tmp_path / "neuro", 1, patient_id="N1")
+    await asyncio.to_thread(_send, gw, lab, "kp-admin")
+    await asyncio.to_thread(_send, gw, neuro, "kp-neuro")
+    await _wait_indexed(gw, 2)
+    neuro_study = corpus_uid = pydicom.dcmread(neuro[0]).StudyInstanceUID
+    everything = await asyncio.to_thread(_client(gw).search_for_studies)
+    assert len(everything) == 2
+    scoped = await asyncio.to_thread(_client(gw, "/projects/neuro/dicomweb").search_for_studies)
+    assert [_value(s, "0020000D") for s in scoped] == [corpus_uid]
+    assert _value(scoped[0], "00081190").endswith(f"/projects/neuro/dicomweb/studies/{neuro_study}")
+    lab_study = pydicom.dcmread(lab[0]).StudyInstanceUID
+    base = f"http://127.0.0.1:{gw.http_port}"
+    async with aiohttp.ClientSession(base_url=base) as http:
+        async with http.get(f"/projects/neuro/dicomweb/studies/{lab_study}/metadata") as r:
+            assert r.status == 404  # another project's study is not there
+        async with http.get("/projects/nosuch/dicomweb/studies") as r:
+            assert r.status == 404
+        for query in ("NoSuchKeyword=1", "limit=0", "limit=x", "StudyDate=2024-01-01-2"):
+            async with http.get(f"/dicomweb/studies?{query}") as r:
+                assert r.status == 400, query
+                assert (await r.json())["error"] == "bad_query"
+        async with http.get("/dicomweb/studies", headers={"Accept": "text/html"}) as r:
+            assert r.status == 406
+        async with http.get(
+            f"/dicomweb/studies/{lab_study}",
+            headers={"Accept": 'multipart/related; type="application/dicom"; '
+                     "transfer-syntax=1.2.840.10008.1.2.4.50"},
+        ) as r:  # fmt: skip
+            assert r.status == 406  # stored as Explicit VR LE; no transcoding
+        async with http.get("/dicomweb/studies/1.2.3/series") as r:
+            assert r.status == 200 and await r.json() == []
+        async with http.get("/dicomweb/studies/1.2.3") as r:
+            assert r.status == 404
+        async with http.get("/dicomweb/studies?PatientAge=1&Foo.Bar=") as r:
+            assert r.status == 400
+        async with http.get("/dicomweb/studies?PatientAge=040Y") as r:
+            assert r.status == 200
+
+
+async def test_dicomweb_needs_the_token(make_config: Callable[..., Any], make_gateway: Any) -> None:
+    gw = await make_gateway(make_config(http__auth=True))
+    base = f"http://127.0.0.1:{gw.http_port}"
+    async with aiohttp.ClientSession(base_url=base) as http:
+        async with http.get("/dicomweb/studies") as r:
+            assert r.status == 401
+        headers = {"Authorization": f"Bearer {gw.token}"}
+        async with http.get("/dicomweb/studies", headers=headers) as r:
+            assert r.status == 200 and await r.json() == []
