@@ -24,6 +24,7 @@ from kp_gateway.backends.base import IndexBackend, StorageBackend
 from kp_gateway.config import Config
 from kp_gateway.datadir import DataDir, load_or_create_token, lock_data_dir
 from kp_gateway.dicom.scp import Scp
+from kp_gateway.dicomweb.stow import StowLimits, StowReceiver
 from kp_gateway.http.app import limit_connections, make_app
 from kp_gateway.http.appkeys import Health
 from kp_gateway.http.dicomweb import setup_dicomweb
@@ -148,6 +149,15 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
                 pool=dicomweb_pool,
                 scratch_dir=spool.tmp,
                 pool_backlog=cfg.dicomweb.pool_backlog,
+                stow=StowReceiver(
+                    spool=spool,
+                    intake=ingest,
+                    limits=StowLimits(
+                        max_instance_bytes=cfg.dicom.max_dataset_bytes,
+                        reserve_bytes=cfg.dicom.min_free_bytes,
+                        admission_wait_s=cfg.dicom.admission_wait_s,
+                    ),
+                ),
             )
         runner = web.AppRunner(
             app,

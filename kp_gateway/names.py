@@ -7,6 +7,7 @@ title names (``kp-<dataset>``); both paths accept and produce exactly the names 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
 from typing import Final
@@ -21,6 +22,11 @@ _NOT_ALLOWED = re.compile(r"[^a-z0-9._-]+")
 def is_dataset_name(name: str) -> bool:
     """True if `name` follows the dataset naming rule (a full match, no trailing newline)."""
     return DATASET_NAME_RE.fullmatch(name) is not None
+
+
+def default_dataset_name() -> str:
+    """The dataset of an upload or STOW-RS request that names none: ``upload-<YYYYMMDD>``."""
+    return f"upload-{datetime.date.today():%Y%m%d}"
 
 
 def dataset_name_for_ae_title(calling_ae_title: str) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiohttp import MultipartWriter, web
+from aiohttp import BodyPartReader, MultipartWriter, web
 from aiohttp.payload import AsyncIterablePayload, BytesPayload
 
 from kp_gateway.backends.base import IndexBackend, StorageBackend
@@ -33,9 +33,14 @@ from kp_gateway.dicomweb.media import (
     frame_media_type,
 )
 from kp_gateway.dicomweb.qido import parse_query, response_json, warnings_for
-from kp_gateway.errors import BadQueryError, UnknownResourceError
-from kp_gateway.http.appkeys import INDEX_KEY, STORAGE_KEY
+from kp_gateway.dicomweb.stow import StowReceiver
+from kp_gateway.dicomweb.stow import response_json as stow_response_json
+from kp_gateway.dicomweb.stow import response_status as stow_response_status
+from kp_gateway.errors import BadQueryError, UnknownResourceError, UnsupportedMediaError
+from kp_gateway.http.appkeys import HTTP_CONFIG_KEY, INDEX_KEY, STORAGE_KEY
+from kp_gateway.http.responses import timed_body_read
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
+from kp_gateway.names import DATASET_NAME_RULE, default_dataset_name, is_dataset_name
 from kp_gateway.uids import is_valid_uid
 
 T = TypeVar("T")
@@ -68,6 +73,7 @@ def _call(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 
 RUNTIME_KEY = web.AppKey("dicomweb_runtime", DicomWebRuntime)
+STOW_KEY = web.AppKey("dicomweb_stow", StowReceiver)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,12 +277,56 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     return await _send_multipart(request, "application/octet-stream", parts, boundary)
 
 
+# -- STOW-RS ---------------------------------------------------------------------------------
+
+
+async def store(request: web.Request) -> web.Response:
+    """STOW-RS: every ``application/dicom`` part through the durable path C-STORE takes; the
+    answer (after the last fsync) lists what was stored and what failed, and why."""
+    receiver = request.app[STOW_KEY]
+    content_type = choose_json(request.headers.get("Accept"))
+    scope = await _scope(request)
+    study = _uid(request, "study")
+    if request.content_type != "multipart/related":
+        raise UnsupportedMediaError(
+            f'STOW-RS takes multipart/related; type="application/dicom", not '
+            f"{request.content_type!r}"
+        )
+    part_type = request.headers.get("Content-Type", "").lower()
+    if "type=" in part_type and "application/dicom" not in part_type.replace('"', ""):
+        raise UnsupportedMediaError("only application/dicom parts are stored (no JSON/XML)")
+    dataset = (request.query.get("dataset") or default_dataset_name()).strip().lower()
+    if not is_dataset_name(dataset):
+        raise BadQueryError(f"dataset {dataset!r} is not valid: {DATASET_NAME_RULE}")
+    reader = await request.multipart()
+    idle_s = request.app[HTTP_CONFIG_KEY].body_timeout_s
+    async with receiver.request(scope.project, dataset, study) as stow:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise BadQueryError("nested multipart parts are not instances")
+            await stow.store(
+                part.headers.get("Content-Type", ""), timed_body_read(part.read_chunk, idle_s)
+            )
+        results = stow.results
+    if not results:
+        raise BadQueryError("the request holds no part")
+    return web.Response(
+        body=stow_response_json(results, scope.root, study).encode(),
+        status=stow_response_status(results),
+        headers={"Content-Type": content_type},
+    )
+
+
 def setup_dicomweb(
     app: web.Application, *, index: IndexBackend, pool: Executor, scratch_dir: Path,
-    pool_backlog: int,
+    pool_backlog: int, stow: StowReceiver,
 ) -> None:  # fmt: skip
     """Add the DICOMweb routes under both roots."""
     app[INDEX_KEY] = index
+    app[STOW_KEY] = stow
     app[RUNTIME_KEY] = DicomWebRuntime(pool, scratch_dir, asyncio.Semaphore(pool_backlog))
     for root in (ROOT, PROJECT_ROOT):
         r = app.router
@@ -294,6 +344,8 @@ def setup_dicomweb(
             r.add_get(resource + "/metadata", metadata)
         r.add_get(instance + "/frames/{frames}", frames)
         r.add_get(instance + "/bulkdata/{tag}", bulkdata)
+        r.add_post(root + "/studies", store)
+        r.add_post(study, store)
 
 
 __all__ = ["DICOM_JSON", "PROJECT_ROOT", "ROOT", "setup_dicomweb"]

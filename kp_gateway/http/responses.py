@@ -5,9 +5,11 @@ Handlers run on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from kp_gateway.backends.base import StorageBackend
 
@@ -39,3 +41,24 @@ async def stream_object(
         await response.write(chunk)
     await response.write_eof()
     return response
+
+
+_READ_ERRORS = (ConnectionError, HttpProcessingError, asyncio.IncompleteReadError)
+BodyRead = Callable[[int], Awaitable[bytes]]
+
+
+def timed_body_read(read: BodyRead, idle_s: float) -> BodyRead:
+    """`read`, with aiohttp's errors for a body cut off turned into ConnectionError, and a
+    sender silent for `idle_s` (``http.body_timeout_s``) treated as gone: it would hold its
+    connection and upload slot forever."""
+
+    async def reading(n: int) -> bytes:
+        try:
+            async with asyncio.timeout(idle_s):
+                return await read(n)
+        except TimeoutError:
+            raise ConnectionResetError(f"no data for {idle_s:g} s") from None
+        except _READ_ERRORS as exc:
+            raise ConnectionResetError(str(exc) or type(exc).__name__) from exc
+
+    return reading

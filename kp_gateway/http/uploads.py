@@ -16,7 +16,6 @@ Routes (:func:`setup_uploads`)::
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from collections.abc import AsyncIterator, Mapping
@@ -26,11 +25,10 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from kp_gateway.backends.base import StorageBackend
 from kp_gateway.errors import RejectedInputError, UnsupportedMediaError, UploadOffsetError
-from kp_gateway.http.responses import json_error, stream_object
+from kp_gateway.http.responses import json_error, stream_object, timed_body_read
 from kp_gateway.upload.record import Upload
 from kp_gateway.upload.service import (
     BodyRead,
@@ -46,10 +44,9 @@ TUS_BASE = "/api/uploads/tus"
 # value may be: they are read into memory.
 _FORM_FIELDS = frozenset({"project", "dataset", "kind", "extension"})
 _MAX_FIELD_BYTES = 256
+
+
 # What aiohttp raises when a client stops sending mid-body.
-_READ_ERRORS = (ConnectionError, HttpProcessingError, asyncio.IncompleteReadError)
-
-
 @dataclass(frozen=True, slots=True)
 class DicomEndpoint:
     """Where senders reach the DICOM port from outside; shown by the upload page."""
@@ -65,21 +62,7 @@ BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 
 
 def _body_read(request: web.Request, read: BodyRead) -> BodyRead:
-    """`read`, with aiohttp's errors for a body cut off turned into ConnectionError, and a
-    sender silent for ``http.body_timeout_s`` treated as gone (it would hold its connection
-    and upload slot forever)."""
-    idle_s = request.app[BODY_TIMEOUT_KEY]
-
-    async def reading(n: int) -> bytes:
-        try:
-            async with asyncio.timeout(idle_s):
-                return await read(n)
-        except TimeoutError:
-            raise ConnectionResetError(f"no data for {idle_s:g} s") from None
-        except _READ_ERRORS as exc:
-            raise ConnectionResetError(str(exc) or type(exc).__name__) from exc
-
-    return reading
+    return timed_body_read(read, request.app[BODY_TIMEOUT_KEY])
 
 
 def _query_routing(request: web.Request) -> dict[str, str]:

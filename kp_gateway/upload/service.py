@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import errno
 import logging
 import re
@@ -41,7 +40,7 @@ from kp_gateway.errors import (
 )
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.metrics import Metrics
-from kp_gateway.names import DATASET_NAME_RULE, is_dataset_name
+from kp_gateway.names import DATASET_NAME_RULE, default_dataset_name, is_dataset_name
 from kp_gateway.upload.archive import normalise_member_name
 from kp_gateway.upload.importer import UploadImporter
 from kp_gateway.upload.record import (
@@ -451,8 +450,7 @@ class UploadService:
                 f"use {', '.join(sorted(ROUTING_KEYS))}"
             )
         project = (values.get("project") or ADMIN_PROJECT).strip().lower()
-        default_dataset = f"upload-{datetime.date.today():%Y%m%d}"
-        dataset = (values.get("dataset") or default_dataset).strip().lower()
+        dataset = (values.get("dataset") or default_dataset_name()).strip().lower()
         if not is_dataset_name(dataset):
             raise RejectedInputError(f"dataset {dataset!r} is not valid: {DATASET_NAME_RULE}")
         kind = (values.get("kind") or "auto").strip().lower()

@@ -23,6 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from kp_gateway.app import RunningGateway
+from kp_gateway.names import default_dataset_name
 from tests.conftest import make_ct_series, tissue_segment, write_segmentation
 from tests.integration.test_scp import _wait_indexed
 
@@ -292,3 +293,107 @@ async def test_dicomweb_needs_the_token(make_config: Callable[..., Any], make_ga
         headers = {"Authorization": f"Bearer {gw.token}"}
         async with http.get("/dicomweb/studies", headers=headers) as r:
             assert r.status == 200 and await r.json() == []
+
+
+async def test_stow_rs_stores_a_mixed_set(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """dicomweb-client's store_instances: CT series, JPEG 2000, RLE two-frame and a SEG; then
+    found by QIDO, the JSON API and the gallery's listing, and retrieved byte for byte."""
+    gw = await make_gateway(make_config())
+    await gw.index.create_project("neuro")
+    corpus = Corpus(tmp_path)
+    client = _client(gw, "/projects/neuro/dicomweb")
+    datasets = [corpus.ds(p) for p in corpus.all]
+    response = await asyncio.to_thread(client.store_instances, datasets)
+    stored = response.ReferencedSOPSequence
+    assert len(stored) == len(datasets)
+    assert "FailedSOPSequence" not in response
+    assert stored[0].RetrieveURL.endswith(
+        f"/projects/neuro/dicomweb/studies/{datasets[0].StudyInstanceUID}/series/"
+        f"{datasets[0].SeriesInstanceUID}/instances/{datasets[0].SOPInstanceUID}"
+    )
+    # Acknowledged means spooled: the index catches up without anything being re-sent.
+    await _wait_indexed(gw, len(datasets))
+    studies = await asyncio.to_thread(client.search_for_studies)
+    assert len(studies) == 4
+    base = f"http://127.0.0.1:{gw.http_port}"
+    async with (
+        aiohttp.ClientSession(base_url=base) as http,
+        http.get("/api/projects/neuro/series") as r,
+    ):
+        listed = await r.json()
+    assert listed["total"] == 5
+    assert {d for s in listed["items"] for d in s["datasets"]} == {default_dataset_name()}
+    for path in (corpus.j2k, corpus.seg):
+        ds = corpus.ds(path)
+        again = await asyncio.to_thread(
+            client.retrieve_instance,
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+        )  # fmt: skip
+        assert again.PixelData == ds.PixelData
+        stored_file = next((gw.cfg.data_dir / "dicom").rglob(f"{ds.SOPInstanceUID}.dcm"))
+        assert stored_file.read_bytes() == path.read_bytes()
+
+
+async def test_stow_rs_failures(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    gw = await make_gateway(make_config())
+    ct = make_ct_series(tmp_path / "ct", 2)
+    other = make_ct_series(tmp_path / "other", 1)
+    study = pydicom.dcmread(ct[0]).StudyInstanceUID
+    base = f"http://127.0.0.1:{gw.http_port}"
+
+    def body(parts: list[tuple[str, bytes]]) -> aiohttp.MultipartWriter:
+        writer = aiohttp.MultipartWriter("related", boundary="kp-test-boundary")
+        for content_type, data in parts:
+            writer.append(data, {"Content-Type": content_type})
+        return writer
+
+    headers = {
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=kp-test-boundary',
+        "Accept": "application/dicom+json",
+    }
+    cut = ct[1].read_bytes()[:-100]
+    async with aiohttp.ClientSession(base_url=base) as http:
+        parts = [
+            ("application/dicom", ct[0].read_bytes()),
+            ("application/dicom", other[0].read_bytes()),  # another study
+            ("application/dicom", cut),  # cut inside Pixel Data
+            ("text/plain", b"not an image"),
+        ]
+        async with http.post(f"/dicomweb/studies/{study}", data=body(parts), headers=headers) as r:
+            assert r.status == 202
+            answer = await r.json()
+        stored = answer["00081199"]["Value"]
+        failed = answer["00081198"]["Value"]
+        assert [s["00081155"]["Value"][0] for s in stored] == [
+            pydicom.dcmread(ct[0]).SOPInstanceUID
+        ]
+        reasons = [f["00081197"]["Value"][0] for f in failed]
+        assert reasons == [0xC409, 0xC000, 0xC000]
+        assert failed[0]["00081155"]["Value"][0] == pydicom.dcmread(other[0]).SOPInstanceUID
+        assert answer["00081190"]["Value"][0].endswith(f"/dicomweb/studies/{study}")
+        async with http.post(
+            "/dicomweb/studies", data=body([("application/dicom", cut)]), headers=headers
+        ) as r:
+            assert r.status == 409
+        async with http.post("/dicomweb/studies", data=b"x", headers={
+            "Content-Type": "application/dicom"}) as r:  # fmt: skip
+            assert r.status == 415
+        async with http.post(
+            "/dicomweb/studies?dataset=Bad%20Name",
+            data=body([("application/dicom", ct[0].read_bytes())]),
+            headers=headers,
+        ) as r:
+            assert r.status == 400
+    await _wait_indexed(gw, 1)
+    # Nothing of the refused parts is left behind; the stored one leaves the spool once indexed.
+    spool = gw.cfg.data_dir / "spool"
+    async with asyncio.timeout(20):
+        while any((spool / "incoming").rglob("*.dcm")):
+            await asyncio.sleep(0.05)
+    assert not [p for p in (spool / "tmp").rglob("*") if p.is_file()]
+    stored_files = list((gw.cfg.data_dir / "dicom").rglob("*.dcm"))
+    assert len(stored_files) == 1
