@@ -115,7 +115,8 @@ async def post_upload(request: web.Request) -> web.Response:
     """``POST /api/uploads``: stream the body to disk, check it, answer 202.
 
     Errors as :meth:`UploadService.receive`; an unknown project is refused (404) before the
-    body is read.
+    body is read, and so is one the token may not write (404 when it may not read it either,
+    403 ``read_only``); a project named in a form field is checked as the field arrives.
     """
     service = request.app[SERVICE_KEY]
     service.check_open()
