@@ -36,6 +36,7 @@ from kp_gateway.pipeline.process_pool import make_process_pool, worker_pid
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
 from kp_gateway.pipeline.series_stages import make_process_pool as make_series_pool
 from kp_gateway.pipeline.spool import Spool
+from kp_gateway.tokens import TokenStore
 from kp_gateway.upload.importer import UploadImporter
 from kp_gateway.upload.nifti import NiftiUploadImporter
 from kp_gateway.upload.service import UploadService
@@ -57,6 +58,7 @@ class RunningGateway:
     http_port: int
     token: str
     health: Health
+    tokens: TokenStore
     series_stages: SeriesPostProcessor | None
 
 
@@ -98,6 +100,12 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
     )
     spool = Spool(cfg.data_dir, fsync=cfg.storage.fsync)
     token, generated = await asyncio.to_thread(load_or_create_token, cfg.data_dir, cfg.http.token)
+    tokens = await asyncio.to_thread(
+        TokenStore.load,
+        DataDir.at(cfg.data_dir).project_tokens_file,
+        max_tokens=cfg.http.max_tokens,
+        fsync=cfg.storage.fsync,
+    )
     await storage.open()
     await index.open()
     ingest = IngestService(
@@ -133,6 +141,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             pipeline=ingest,
             metrics=metrics,
             token=token,
+            tokens=tokens,
             health=health,
             default_project=cfg.dicom.default_project,
             dicom_endpoint=DicomEndpoint(
@@ -203,6 +212,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             http_port,
             token,
             health,
+            tokens,
             series_stages,
         )
     finally:

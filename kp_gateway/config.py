@@ -104,7 +104,9 @@ class HttpConfig:
 
     host: str = _ck("0.0.0.0", "Address the HTTP server binds to.")
     port: int = _ck(8080, "HTTP port.", min=0, max=65535)
-    auth: bool = _ck(True, "Require the bearer token (false only for loopback-only use).")
+    auth: bool = _ck(
+        True, "Require the admin or a project token (false only for loopback-only use)."
+    )
     public_host: str = _ck("", "Host name senders use from outside (empty = the request's Host).")
     idle_timeout_s: float = _ck(
         60.0, "A connection without a whole request (headers) this long is closed.", min=1.0
@@ -116,6 +118,18 @@ class HttpConfig:
     )
     max_connections: int = _ck(
         1024, "Open HTTP connections at most; more are closed at once.", min=1
+    )
+    session_idle_s: float = _ck(
+        12 * 3600.0, "A browser session unused this long ends (log in again).", min=1.0
+    )
+    session_max_s: float = _ck(
+        7 * 24 * 3600.0, "A browser session ends this long after its login, used or not.", min=1.0
+    )
+    max_sessions: int = _ck(
+        10_000, "Browser sessions kept at once; a new login ends the oldest beyond it.", min=1
+    )
+    max_tokens: int = _ck(
+        1000, "Project tokens the gateway holds at most; creating more is refused (429).", min=1
     )
     token: str = field(default="", repr=False, metadata={"doc": "", "secret": True})
 

@@ -1,10 +1,11 @@
-"""The data directory (``storage.path``): its layout, its lock and the generated API token.
+"""The data directory (``storage.path``): its layout, its lock and the generated admin token.
 
 ::
 
     <data dir>/
         .lock                     held by ``serve`` and ``reindex`` for their whole run
         token                     the generated API token (0600) when KP_GATEWAY_HTTP_TOKEN is unset
+        tokens.json               project tokens, hashed (0600; :mod:`kp_gateway.tokens`)
         spool/                    the durable spool (:mod:`kp_gateway.pipeline.spool`)
             tmp/                  partial files and scratch folders; emptied at start-up
         quarantine/<stage>/       spool files that kept failing
@@ -37,6 +38,7 @@ class DataDir:
     root: Path
     lock_file: Path
     token_file: Path
+    project_tokens_file: Path
     spool: Path
     scratch: Path
     quarantine: Path
@@ -50,6 +52,7 @@ class DataDir:
             root=root,
             lock_file=root / ".lock",
             token_file=root / "token",
+            project_tokens_file=root / "tokens.json",
             spool=spool,
             # On the spool's filesystem, so a finished file is renamed into place, not copied.
             scratch=spool / "tmp",

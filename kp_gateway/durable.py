@@ -39,13 +39,18 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(
-    path: Path, data: bytes | dict[str, Any] | list[Any], *, fsync: bool = True
+    path: Path,
+    data: bytes | dict[str, Any] | list[Any],
+    *,
+    fsync: bool = True,
+    mode: int | None = None,
 ) -> None:
     """Blocking. Replace `path` with `data` atomically: temp file, fsync, rename, fsync folder.
 
     Readers see the old content or the new, never a mix. `data` is written as is when it is
     bytes, else as compact JSON. The temp file (``.<name>.<hex>.tmp`` beside `path`, a name
-    that directory listings skip) is removed when the write fails.
+    that directory listings skip) is removed when the write fails. `mode` (e.g. ``0o600`` for
+    secrets) is set on the temp file before anything is written, whatever the umask.
     """
     if isinstance(data, bytes | bytearray | memoryview):
         payload = bytes(data)
@@ -53,7 +58,10 @@ def write_atomic(
         payload = json.dumps(data, separators=(",", ":")).encode()
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             if fsync:
                 fh.flush()

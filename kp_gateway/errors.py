@@ -16,7 +16,12 @@
     │   ├── BadQueryError                       a DICOMweb query or path PS3.18 does not allow
     │   ├── NotAcceptableError                  no representation the Accept header allows (406)
     │   ├── UnknownResourceError                no such study, series, instance or frame (404)
-    │   └── ConversionError                     NIfTI could not become conformant DICOM
+    │   ├── ConversionError                     NIfTI could not become conformant DICOM
+    │   ├── ForbiddenRequestError               refused whatever the credentials (403)
+    │   │   ├── AdminOnlyError                  a project token on a route for the admin token
+    │   │   └── ReadOnlyTokenError              a read token asked to change its project
+    │   ├── UnknownTokenError                   no such project token (404)
+    │   └── TokenQuotaError                     the gateway holds its most project tokens (429)
     ├── PipelineFull                            capacity; transient for the sender
     ├── InsufficientStorageError                the disk is full or below its reserve (507 / 0xA700)
     ├── ShuttingDownError                       intake closed
@@ -155,6 +160,30 @@ class HostNotAllowedError(ForbiddenRequestError):
     code = "host_not_allowed"
 
 
+class AdminOnlyError(ForbiddenRequestError):
+    """A project token asked for a route only the admin token may use (403)."""
+
+    code = "admin_only"
+
+
+class ReadOnlyTokenError(ForbiddenRequestError):
+    """A token with the ``read`` scope asked to change its project (403)."""
+
+    code = "read_only"
+
+
+class UnknownTokenError(RejectedInputError):
+    """No project token with that id (in that project)."""
+
+    code = "not_found"
+
+
+class TokenQuotaError(RejectedInputError):
+    """The gateway already holds ``http.max_tokens`` project tokens (429)."""
+
+    code = "too_many_tokens"
+
+
 class FeatureUnavailableError(GatewayError):
     """The request needs a component this gateway was started without."""
 
@@ -222,6 +251,8 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (UploadConflictError, 409),
     (UploadFailedError, 410),
     (UploadQuotaError, 429),
+    (UnknownTokenError, 404),
+    (TokenQuotaError, 429),
     (ForbiddenRequestError, 403),
     (FeatureUnavailableError, 501),
     (UnsafeArchiveError, 400),

@@ -1,5 +1,6 @@
-"""The aiohttp application: the app factory, the error and token-authentication middlewares
-and the login form. The routes live in :mod:`~kp_gateway.http.api`,
+"""The aiohttp application: the app factory and the error middleware. Authentication, sessions
+and access checks live in :mod:`~kp_gateway.http.auth`; the routes in
+:mod:`~kp_gateway.http.api`, :mod:`~kp_gateway.http.token_api`,
 :mod:`~kp_gateway.http.health`, :mod:`~kp_gateway.http.pages` and
 :mod:`~kp_gateway.http.uploads`.
 
@@ -9,13 +10,11 @@ one place, the error middleware, through :func:`kp_gateway.errors.http_status_fo
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from yarl import URL
 
 from kp_gateway.backends.base import IndexBackend, StorageBackend
 from kp_gateway.config import HttpConfig
@@ -44,39 +43,23 @@ from kp_gateway.http.appkeys import (
     REGISTRY_KEY,
     SERIES_STAGES_KEY,
     STORAGE_KEY,
-    TOKEN_KEY,
     Health,
     PipelineHealth,
 )
+from kp_gateway.http.auth import auth_middleware, setup_auth
 from kp_gateway.http.health import get_live, get_metrics, get_ready
 from kp_gateway.http.pages import setup_gallery
 from kp_gateway.http.responses import json_error
-from kp_gateway.http.security import (
-    LOOPBACK_HOSTS,
-    add_security_headers,
-    check_host,
-    check_same_origin,
-    safe_redirect_target,
-)
+from kp_gateway.http.security import add_security_headers
+from kp_gateway.http.token_api import setup_token_api
 from kp_gateway.http.uploads import TUS_BASE, TUS_VERSION, DicomEndpoint, setup_uploads
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.metrics import Metrics
 from kp_gateway.pipeline.series_stages import SeriesPostProcessor
+from kp_gateway.tokens import TokenStore
 from kp_gateway.upload.service import UploadService
 
 logger = logging.getLogger(__name__)
-
-SESSION_COOKIE = "kp_gateway_session"
-ALLOWED_HOSTS_KEY = web.AppKey("allowed_hosts", frozenset)
-
-
-def allowed_hosts(cfg: HttpConfig) -> frozenset[str]:
-    """Host names served when authentication is off: loopback, the bind address, the public
-    host name."""
-    names = set(LOOPBACK_HOSTS)
-    names.update(h.lower() for h in (cfg.host, cfg.public_host) if h and h not in ("0.0.0.0", "::"))
-    return frozenset(names)
-
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -108,98 +91,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(500, "internal", "internal error; see the gateway log", **headers)
 
 
-def _is_public(path: str) -> bool:
-    return path.startswith(("/health/", "/static/")) or path == "/metrics"
-
-
-def _tokens_equal(offered: str, token: str) -> bool:
-    # Bytes: compare_digest refuses str with non-ASCII characters (a 500 before).
-    return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token.encode())
-
-
-def is_api_path(path: str) -> bool:
-    """Routes for programs (the JSON API, DICOMweb): a 401, never a redirect to the login."""
-    if path.startswith(("/api/", "/dicomweb/")) or path == "/dicomweb":
-        return True
-    parts = path.split("/")  # /projects/<p>/dicomweb/...
-    return len(parts) >= 4 and parts[1] == "projects" and parts[3] == "dicomweb"
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token, session cookie, or ``?token=``; the Host check when auth is off.
-
-    On pages, ``?token=`` is traded once for the session cookie (a redirect, as Jupyter does);
-    on ``/api/`` routes it answers the request itself, since a script wants the data, not a
-    redirect and a cookie. A write authenticated by the cookie must come from this origin
-    (:func:`~kp_gateway.http.security.check_same_origin`), and so must the login form.
-    """
-    if not request.app[HTTP_CONFIG_KEY].auth:
-        check_host(request, request.app[ALLOWED_HOSTS_KEY])
-        return await handler(request)
-    if _is_public(request.path):
-        return await handler(request)
-    if request.path == "/login":
-        check_same_origin(request)
-        return await handler(request)
-    token = request.app[TOKEN_KEY]
-    offered = ""
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        offered = header[7:].strip()
-    elif SESSION_COOKIE in request.cookies:
-        offered = request.cookies[SESSION_COOKIE]
-        check_same_origin(request)
-    elif "token" in request.query:
-        offered = request.query["token"]
-        if (
-            _tokens_equal(offered, token)
-            and request.method == "GET"
-            and not is_api_path(request.path)
-        ):
-            # As Jupyter does: trade the URL token for a cookie and drop it from the URL.
-            query = {k: v for k, v in request.query.items() if k != "token"}
-            response = web.HTTPFound(request.rel_url.with_query(query))
-            response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict")
-            raise response
-    if offered and _tokens_equal(offered, token):
-        return await handler(request)
-    if is_api_path(request.path):
-        return json_error(
-            401, "unauthorized", "missing or wrong token", **{"WWW-Authenticate": "Bearer"}
-        )
-    raise web.HTTPFound(URL("/login").with_query(next=str(request.rel_url)))
-
-
-async def get_login(request: web.Request) -> web.Response:
-    """A minimal login form that sets the session cookie."""
-    page = (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        "<title>kp-gateway login</title><link rel='stylesheet' href='/static/style.css'>"
-        "</head><body>"
-        "<header class='top'><h1>kp-gateway</h1></header><main class='login'>"
-        "<section class='card'><h2>Log in</h2><p>Paste the API token: the file "
-        "<code>token</code> in the gateway's data directory, or the value of "
-        "<code>KP_GATEWAY_HTTP_TOKEN</code>.</p>"
-        "<form method='post'><input type='password' name='token' autofocus "
-        "aria-label='API token'><input type='submit' value='Log in'></form>"
-        "</section></main></body></html>"
-    )
-    return web.Response(text=page, content_type="text/html")
-
-
-async def post_login(request: web.Request) -> web.Response:
-    """Check the posted token and set the session cookie."""
-    form = await request.post()
-    offered = str(form.get("token", ""))
-    if not _tokens_equal(offered, request.app[TOKEN_KEY]):
-        return json_error(401, "unauthorized", "wrong token")
-    response = web.HTTPFound(safe_redirect_target(request.query.get("next", "/")))
-    response.set_cookie(SESSION_COOKIE, offered, httponly=True, samesite="Strict")
-    raise response
-
-
 def make_app(
     cfg: HttpConfig,
     *,
@@ -208,6 +99,7 @@ def make_app(
     pipeline: PipelineHealth,
     metrics: Metrics,
     token: str,
+    tokens: TokenStore,
     health: Health,
     default_project: str,
     dicom_endpoint: DicomEndpoint,
@@ -218,27 +110,25 @@ def make_app(
     """Build the application; the caller runs it with AppRunner/TCPSite on its own loop.
 
     `pipeline` is asked only for its readiness; `default_project` (the DICOM default) joins
-    ``admin`` among the projects the API refuses to delete.
+    ``admin`` among the projects the API refuses to delete. `token` is the admin token,
+    `tokens` the project tokens (:mod:`kp_gateway.tokens`).
     """
     app = web.Application(middlewares=[error_middleware, auth_middleware])
     app.on_response_prepare.append(add_security_headers)
     app[HTTP_CONFIG_KEY] = cfg
-    app[ALLOWED_HOSTS_KEY] = allowed_hosts(cfg)
     app[INDEX_KEY] = index
     app[STORAGE_KEY] = storage
     app[PIPELINE_KEY] = pipeline
     app[MIN_FREE_BYTES_KEY] = min_free_bytes
     app[REGISTRY_KEY] = metrics.registry
     app[PROTECTED_PROJECTS_KEY] = frozenset({ADMIN_PROJECT, default_project})
-    app[TOKEN_KEY] = token
     app[HEALTH_KEY] = health
     if series_stages is not None:
         app[SERIES_STAGES_KEY] = series_stages
     app.router.add_get("/health/live", get_live)
     app.router.add_get("/health/ready", get_ready)
     app.router.add_get("/metrics", get_metrics)
-    app.router.add_get("/login", get_login)
-    app.router.add_post("/login", post_login)
+    setup_auth(app, cfg, token=token, tokens=tokens)
     app.router.add_get("/api/projects", get_projects)
     app.router.add_post("/api/projects", post_project)
     app.router.add_delete("/api/projects/{project}", delete_project)
@@ -251,6 +141,7 @@ def make_app(
     app.router.add_get("/api/series/{series_uid}/validation", get_validation_report)
     app.router.add_get("/api/instances/{sop_uid}", get_instance)
     app.router.add_get("/api/quarantine", get_quarantine)
+    setup_token_api(app)
     setup_gallery(app)
     if uploads is not None:
         # Routes for uploads, files, the upload page and /static/, plus the service lifecycle.

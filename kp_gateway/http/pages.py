@@ -1,11 +1,12 @@
 """The HTML pages: the gallery page (CONTRACT section 5), ``GET /gallery`` and its script, style
-and one helper. (The upload page is served by :mod:`kp_gateway.http.uploads`.)
+and one helper, and the token page ``GET /tokens``. (The upload page is served by
+:mod:`kp_gateway.http.uploads`.)
 
-The page is static HTML with a small script that reads the JSON API (``/api/projects``,
-``/api/projects/{p}/datasets``, ``/api/projects/{p}/series``, ``/api/series/{uid}``) with the
-session cookie; nothing is rendered on the server. Its script and style are served from
-``/gallery/gallery.js`` and ``/gallery/gallery.css`` so the page does not depend on a
-``/static`` route. Handlers run on the event loop.
+The pages are static HTML with a small script that reads the JSON API (``/api/projects``,
+``/api/projects/{p}/datasets``, ``/api/projects/{p}/series``, ``/api/series/{uid}``, the token
+routes) with the session cookie; nothing is rendered on the server, and the API decides what
+the session's principal sees. Scripts and styles are served from ``/gallery/…`` so the pages
+do not depend on a ``/static`` route. Handlers run on the event loop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aiohttp import web
 from kp_gateway.backends.base import SeriesQuery, iter_series
 from kp_gateway.errors import RejectedInputError
 from kp_gateway.http.appkeys import INDEX_KEY
+from kp_gateway.http.auth import require_read
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 
 WEB_DIR = Path(__file__).parent / "static"
@@ -35,6 +37,8 @@ _FILES = {
     "gallery.html": "text/html",
     "gallery.js": "text/javascript",
     "gallery.css": "text/css",
+    "tokens.html": "text/html",
+    "tokens.js": "text/javascript",
 }
 _ModalityCache = dict[tuple[str, str | None], tuple[float, dict[str, Any]]]
 _CACHE_KEY: web.AppKey[_ModalityCache] = web.AppKey("gallery_modality_cache")
@@ -62,6 +66,7 @@ async def get_modalities(request: web.Request) -> web.Response:
     dataset = request.query.get("dataset") or None
     if len(project) > 64 or (dataset is not None and len(dataset) > 256):
         raise RejectedInputError("project or dataset name too long")
+    require_read(request, project)
     index = request.app[INDEX_KEY]
     if not await index.project_exists(project):
         raise web.HTTPNotFound(text=f"project {project!r} does not exist")
@@ -88,12 +93,15 @@ async def get_modalities(request: web.Request) -> web.Response:
 
 
 def setup_gallery(app: web.Application) -> None:
-    """Add the gallery routes to `app` (built by :func:`kp_gateway.http.app.make_app`)."""
+    """Add the gallery and token-page routes to `app` (built by
+    :func:`kp_gateway.http.app.make_app`)."""
     app[_CACHE_KEY] = {}
     app.router.add_get("/gallery", _file_handler("gallery.html"))
     app.router.add_get("/gallery/gallery.js", _file_handler("gallery.js"))
     app.router.add_get("/gallery/gallery.css", _file_handler("gallery.css"))
     app.router.add_get("/gallery/api/modalities", get_modalities)
+    app.router.add_get("/tokens", _file_handler("tokens.html"))
+    app.router.add_get("/gallery/tokens.js", _file_handler("tokens.js"))
 
 
 __all__ = ["setup_gallery"]

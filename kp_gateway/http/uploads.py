@@ -3,6 +3,8 @@ files, the page's public configuration, and the upload page with its static file
 
 Views parse the request and call :class:`kp_gateway.upload.service.UploadService`; errors go
 to the app's one error middleware (which adds ``Tus-Resumable`` under :data:`TUS_BASE`).
+Uploading needs write access to the target project, and uploads and files of projects the
+principal may not read are not listed and answer 404 (:mod:`kp_gateway.http.auth`).
 Handlers run on the event loop.
 
 Routes (:func:`setup_uploads`)::
@@ -27,8 +29,15 @@ from urllib.parse import quote
 from aiohttp import BodyPartReader, MultipartReader, web
 
 from kp_gateway.backends.base import StorageBackend
-from kp_gateway.errors import RejectedInputError, UnsupportedMediaError, UploadOffsetError
+from kp_gateway.errors import (
+    RejectedInputError,
+    UnknownUploadError,
+    UnsupportedMediaError,
+    UploadOffsetError,
+)
+from kp_gateway.http.auth import principal_of, require_write
 from kp_gateway.http.responses import json_error, stream_object, timed_body_read
+from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.upload.record import Upload
 from kp_gateway.upload.service import (
     BodyRead,
@@ -70,6 +79,18 @@ def _query_routing(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in request.query.items() if k != "token"}
 
 
+def _require_upload_write(request: web.Request, routing: Mapping[str, str]) -> None:
+    """Write access to the project `routing` names (``admin`` when none, as the service)."""
+    require_write(request, (routing.get("project") or ADMIN_PROJECT).strip())
+
+
+def _readable_upload(request: web.Request, upload: Upload) -> Upload:
+    """`upload`, when the principal may read its project; else 404 as for no upload."""
+    if not principal_of(request).can_read(upload.project):
+        raise UnknownUploadError(f"no upload {upload.id}")
+    return upload
+
+
 # -- POST /api/uploads ------------------------------------------------------------------
 
 
@@ -77,13 +98,17 @@ async def post_upload(request: web.Request) -> web.Response:
     """``POST /api/uploads``: stream the body to disk, check it, answer 202.
 
     Errors as :meth:`UploadService.receive`; an unknown project is refused (404) before the
-    body is read.
+    body is read, and so is one the token may not write (404 when it may not read it either,
+    403 ``read_only``); a project named in a form field is checked as the field arrives.
     """
     service = request.app[SERVICE_KEY]
     service.check_open()
     query = _query_routing(request)
-    params = await service.params(query)
     multipart = request.content_type.startswith("multipart/")
+    if "project" in query or not multipart:
+        # Refused before a byte of the body is read; form fields are checked as they come.
+        _require_upload_write(request, query)
+    params = await service.params(query)
 
     async def copy_body(upload: Upload, writer: BodyWriter) -> Mapping[str, str] | None:
         if not multipart:
@@ -91,10 +116,12 @@ async def post_upload(request: web.Request) -> web.Response:
             return None
         reader = await _multipart(request)
         fields, part = await _form_fields_until_file(reader)
+        _require_upload_write(request, {**fields, **query})
         if part.filename and "filename" not in query:
             upload.filename = safe_filename(part.filename)
         await writer.pump(_body_read(request, part.read_chunk))
         fields.update(await _form_fields_after_file(reader))
+        _require_upload_write(request, {**fields, **query})
         # Form fields name the project/dataset too; the query string wins.
         return {**fields, **query} if fields else None
 
@@ -202,7 +229,9 @@ async def post_tus(request: web.Request) -> web.Response:
             "send the file as one upload (tus-js-client: parallelUploads 1)"
         )
     length = _int_header(request, "Upload-Length")
-    params = await service.params(_tus_metadata(request.headers.get("Upload-Metadata", "")))
+    metadata = _tus_metadata(request.headers.get("Upload-Metadata", ""))
+    _require_upload_write(request, metadata)
+    params = await service.params(metadata)
     upload = await service.create_tus(params, length)
     return web.Response(
         status=201,
@@ -217,7 +246,7 @@ async def post_tus(request: web.Request) -> web.Response:
 async def head_tus(request: web.Request) -> web.Response:
     """tus offset discovery: ``Upload-Offset`` and ``Upload-Length``."""
     service = request.app[SERVICE_KEY]
-    upload = service.tus_upload(request.match_info["id"])
+    upload = _readable_upload(request, service.tus_upload(request.match_info["id"]))
     return web.Response(
         status=200,
         headers={
@@ -233,7 +262,8 @@ async def patch_tus(request: web.Request) -> web.Response:
     """tus append: bytes at ``Upload-Offset``; 409 when it is not the current offset."""
     service = request.app[SERVICE_KEY]
     service.check_open()
-    upload = service.tus_upload(request.match_info["id"])
+    upload = _readable_upload(request, service.tus_upload(request.match_info["id"]))
+    require_write(request, upload.project)
     if request.content_type != "application/offset+octet-stream":
         raise UnsupportedMediaError("PATCH needs Content-Type: application/offset+octet-stream")
     offset = _int_header(request, "Upload-Offset")
@@ -256,7 +286,9 @@ async def patch_tus(request: web.Request) -> web.Response:
 async def delete_tus(request: web.Request) -> web.Response:
     """tus termination: drop an unfinished (or finished) upload and its bytes."""
     service = request.app[SERVICE_KEY]
-    await service.terminate_tus(service.tus_upload(request.match_info["id"]))
+    upload = _readable_upload(request, service.tus_upload(request.match_info["id"]))
+    require_write(request, upload.project)
+    await service.terminate_tus(upload)
     return web.Response(status=204, headers={"Tus-Resumable": TUS_VERSION})
 
 
@@ -288,7 +320,9 @@ def _tus_metadata(raw: str) -> dict[str, str]:
 
 
 async def get_uploads(request: web.Request) -> web.Response:
-    """Uploads, newest first, optionally filtered by ``project`` and ``state``."""
+    """Uploads of the projects the principal may read, newest first, optionally filtered by
+    ``project`` and ``state``."""
+    principal = principal_of(request)
     project, state = request.query.get("project"), request.query.get("state")
     try:
         limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
@@ -298,24 +332,28 @@ async def get_uploads(request: web.Request) -> web.Response:
     items = [
         _public(u, full=False)
         for u in sorted(records, key=lambda u: -u.created_at)
-        if (not project or u.project == project.lower()) and (not state or u.state == state)
+        if principal.can_read(u.project)
+        and (not project or u.project == project.lower())
+        and (not state or u.state == state)
     ]
     return web.json_response({"total": len(items), "items": items[:limit]})
 
 
 async def get_upload(request: web.Request) -> web.Response:
     """One upload's status: state, bytes, files, instances, series (with links), errors."""
-    upload = request.app[SERVICE_KEY].get(request.match_info["id"])
+    upload = _readable_upload(request, request.app[SERVICE_KEY].get(request.match_info["id"]))
     return web.json_response(_public(upload, full=True))
 
 
 async def get_files(request: web.Request) -> web.Response:
-    """Files kept in object storage from uploads (``kind=files`` and non-DICOM members)."""
+    """Files kept in object storage from uploads (``kind=files`` and non-DICOM members), of
+    the projects the principal may read."""
+    principal = principal_of(request)
     project = (request.query.get("project") or "").lower()
     items = [
         _file_entry(upload, entry)
         for upload in sorted(request.app[SERVICE_KEY].records.values(), key=lambda u: -u.created_at)
-        if not project or upload.project == project
+        if principal.can_read(upload.project) and (not project or upload.project == project)
         for entry in upload.files
     ]
     return web.json_response({"total": len(items), "items": items})
@@ -325,7 +363,11 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     """The bytes of one uploaded file: ``/api/files/<upload id>/<relative path>``."""
     upload_id, _, rel = request.match_info["path"].partition("/")
     upload = request.app[SERVICE_KEY].records.get(upload_id)
-    if upload is None or not any(f["path"] == rel for f in upload.files):
+    if (
+        upload is None
+        or not principal_of(request).can_read(upload.project)
+        or not any(f["path"] == rel for f in upload.files)
+    ):
         return json_error(404, "not_found", f"no uploaded file {request.match_info['path']}")
     name = quote(rel.rsplit("/", 1)[-1])
     headers = {

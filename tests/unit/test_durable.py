@@ -126,3 +126,16 @@ def test_remove_paths_removes_files_and_trees_and_ignores_missing(tmp_path: Path
     (tree / "sub" / "leaf").write_bytes(b"y")
     remove_paths(file, tree, tmp_path / "never-existed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_mode_holds_whatever_the_umask(tmp_path: Path) -> None:
+    """A secret written with mode 0600 is never readable by others, not even the temp file."""
+    previous = os.umask(0o022)
+    try:
+        target = tmp_path / "secret.json"
+        write_atomic(target, {"k": "v"}, mode=0o600)
+        assert target.stat().st_mode & 0o777 == 0o600
+        write_atomic(tmp_path / "plain.bin", b"x")
+        assert (tmp_path / "plain.bin").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)

@@ -38,6 +38,10 @@ def test_dimse_status_for_each_exception(exc: BaseException, status: int) -> Non
         (e.BackendUnavailableError("x"), 503),
         (e.BackendRejectedError("x"), 500),
         (e.ObjectNotFoundError("x"), 404),
+        (e.AdminOnlyError("x"), 403),
+        (e.ReadOnlyTokenError("x"), 403),
+        (e.UnknownTokenError("x"), 404),
+        (e.TokenQuotaError("x"), 429),
         (ValueError("bug"), 500),
     ],
 )

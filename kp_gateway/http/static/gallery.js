@@ -17,7 +17,7 @@
   };
   const params = new URLSearchParams(location.search);
   const state = {
-    project: params.get("project") || "admin",
+    project: params.get("project") || "",
     dataset: params.get("dataset") || "",
     modality: params.get("modality") || "",
     limit: Number(params.get("limit")) || 24,
@@ -203,6 +203,8 @@
   async function loadProjects() {
     const body = await getJSON("/api/projects");
     const names = body.items.map((p) => p.name);
+    // admin (every series) when this session sees it, else the project of its token.
+    if (!state.project) state.project = names.includes("admin") ? "admin" : names[0] || "admin";
     if (!names.includes(state.project)) names.unshift(state.project);
     els.project.replaceChildren(...names.map((n) => option(n, n, n === state.project)));
   }
