@@ -397,3 +397,39 @@ async def test_stow_rs_failures(
     assert not [p for p in (spool / "tmp").rglob("*") if p.is_file()]
     stored_files = list((gw.cfg.data_dir / "dicom").rglob("*.dcm"))
     assert len(stored_files) == 1
+
+
+async def test_project_token_sees_its_project_dicomweb_only(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    gw = await make_gateway(make_config(http__auth=True))
+    await gw.index.create_project("neuro")
+    await gw.index.create_project("lung")
+    neuro = make_ct_series(tmp_path / "neuro", 1)
+    await asyncio.to_thread(_send, gw, neuro, "kp-neuro")
+    await _wait_indexed(gw, 1)
+    base = f"http://127.0.0.1:{gw.http_port}"
+    admin = {"Authorization": f"Bearer {gw.token}"}
+    async with aiohttp.ClientSession(base_url=base) as http:
+        async with http.post(
+            "/api/projects/neuro/tokens", json={"scope": "read", "label": "viewer"}, headers=admin
+        ) as r:
+            assert r.status == 201
+            secret = (await r.json())["token"]
+        reader = {"Authorization": f"Bearer {secret}"}
+        async with http.get("/projects/neuro/dicomweb/studies", headers=reader) as r:
+            assert r.status == 200 and len(await r.json()) == 1
+        async with http.get("/dicomweb/studies", headers=reader) as r:
+            assert r.status == 403  # the root serves every project: admin only
+        async with http.get("/projects/lung/dicomweb/studies", headers=reader) as r:
+            assert r.status == 404
+        stow_headers = {
+            **reader,
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b0',
+        }
+        body = b"--b0\r\nContent-Type: application/dicom\r\n\r\n" + neuro[0].read_bytes()
+        async with http.post(
+            "/projects/neuro/dicomweb/studies", data=body + b"\r\n--b0--\r\n",
+            headers=stow_headers,
+        ) as r:  # fmt: skip
+            assert r.status == 403  # a read token stores nothing
