@@ -157,7 +157,8 @@ class IndexBackend(Protocol):
     ) -> list[dict[str, Any]]:  # fmt: skip
         """The instances of a study (or series, or one instance) within `project`, for
         WADO-RS: ``study_uid``, ``series_uid``, ``sop_uid``, ``sop_class_uid``,
-        ``transfer_syntax_uid``, ``number_of_frames``, ``size``, ``storage_key``."""
+        ``transfer_syntax_uid``, ``number_of_frames``, ``size``, ``storage_key``,
+        ``received_at``."""
 
     async def incomplete_series(self) -> list[str]:
         """Series not yet marked complete (for completion tracking after a restart)."""

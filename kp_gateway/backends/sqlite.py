@@ -672,7 +672,8 @@ class SqliteIndex:
             args.append(sop_uid)
         sql = (
             "SELECT i.study_uid, i.series_uid, i.sop_uid, i.sop_class_uid, "
-            "i.transfer_syntax_uid, i.number_of_frames, i.size, i.storage_key FROM instances i "
+            "i.transfer_syntax_uid, i.number_of_frames, i.size, i.storage_key, i.received_at "
+            "FROM instances i "
             "JOIN series_projects sp ON sp.series_uid = i.series_uid AND sp.project = ? "
             f"WHERE {' AND '.join(where)} ORDER BY i.series_uid, i.instance_number, i.sop_uid"
         )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,7 +38,13 @@ from kp_gateway.dicomweb.qido import parse_query, response_json, warnings_for
 from kp_gateway.dicomweb.stow import StowReceiver
 from kp_gateway.dicomweb.stow import response_json as stow_response_json
 from kp_gateway.dicomweb.stow import response_status as stow_response_status
-from kp_gateway.errors import BadQueryError, UnknownResourceError, UnsupportedMediaError
+from kp_gateway.errors import (
+    BackendError,
+    BadQueryError,
+    ObjectNotFoundError,
+    UnknownResourceError,
+    UnsupportedMediaError,
+)
 from kp_gateway.http.appkeys import HTTP_CONFIG_KEY, INDEX_KEY, STORAGE_KEY
 from kp_gateway.http.responses import timed_body_read
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
@@ -44,6 +52,7 @@ from kp_gateway.names import DATASET_NAME_RULE, default_dataset_name, is_dataset
 from kp_gateway.uids import is_valid_uid
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 ROOT = "/dicomweb"
 PROJECT_ROOT = "/projects/{project}/dicomweb"
@@ -208,17 +217,64 @@ def _instance_path(item: dict[str, Any]) -> str:
 
 
 async def metadata(request: web.Request) -> web.Response:
-    """WADO-RS metadata of a study, series or instance: DICOM JSON, bulk data by URI."""
+    """WADO-RS metadata of a study, series or instance: DICOM JSON, bulk data by URI.
+
+    A series' metadata is built once in the pool and kept in storage
+    (``dicomweb/metadata/<study>/<series>.json``) under a fingerprint of its instances; it is
+    built again only when an instance arrived or was replaced since, so a 500-slice CT costs
+    one read of one object.
+    """
     content_type = choose_json(request.headers.get("Accept"))
     scope = await _scope(request)
     found = await _instances(request, scope)
-    runtime = request.app[RUNTIME_KEY]
-    async with _local_files(
-        runtime, request.app[STORAGE_KEY], [str(i["storage_key"]) for i in found]
-    ) as paths:
-        items = [(path, _instance_path(i)) for path, i in zip(paths, found, strict=True)]
-        text = await runtime.run(pool_tasks.series_metadata, items)
+    if request.match_info.get("instance") is not None:
+        text = await _build_metadata(request, found)
+    else:
+        by_series: dict[str, list[dict[str, Any]]] = {}
+        for item in found:
+            by_series.setdefault(str(item["series_uid"]), []).append(item)
+        parts = [await _series_metadata(request, items) for items in by_series.values()]
+        text = "[" + ",".join(p[1:-1] for p in parts if len(p) > 2) + "]"
     return _json(text.replace(pool_tasks.ROOT_PLACEHOLDER, scope.root), content_type)
+
+
+async def _build_metadata(request: web.Request, found: Sequence[dict[str, Any]]) -> str:
+    runtime = request.app[RUNTIME_KEY]
+    keys = [str(i["storage_key"]) for i in found]
+    async with _local_files(runtime, request.app[STORAGE_KEY], keys) as paths:
+        items = [(path, _instance_path(i)) for path, i in zip(paths, found, strict=True)]
+        return await runtime.run(pool_tasks.series_metadata, items)
+
+
+def _fingerprint(found: Sequence[dict[str, Any]]) -> str:
+    """Changes when an instance of the series arrives, leaves or is replaced."""
+    digest = hashlib.sha256()
+    for i in sorted(found, key=lambda i: str(i["sop_uid"])):
+        digest.update(
+            f"{i['sop_uid']}|{i['size']}|{i['received_at']}|{i['storage_key']}\n".encode()
+        )
+    return digest.hexdigest()
+
+
+async def _series_metadata(request: web.Request, found: Sequence[dict[str, Any]]) -> str:
+    storage = request.app[STORAGE_KEY]
+    first = found[0]
+    key = f"dicomweb/metadata/{first['study_uid']}/{first['series_uid']}.json"
+    fingerprint = _fingerprint(found).encode()
+    try:
+        cached = b"".join([chunk async for chunk in storage.read_chunks(key)])
+    except ObjectNotFoundError:
+        cached = b""
+    head, _, body = cached.partition(b"\n")
+    if head == fingerprint:
+        return body.decode()
+    text = await _build_metadata(request, found)
+    # A cache: a failed write costs the next request a rebuild, nothing else.
+    try:
+        await storage.put_bytes(key, fingerprint + b"\n" + text.encode())
+    except BackendError:
+        logger.warning("could not keep the metadata of series %s", first["series_uid"])
+    return text
 
 
 def _frame_list(raw: str) -> list[int]:

@@ -433,3 +433,31 @@ async def test_project_token_sees_its_project_dicomweb_only(
             headers=stow_headers,
         ) as r:  # fmt: skip
             assert r.status == 403  # a read token stores nothing
+
+
+async def test_series_metadata_is_kept_and_follows_new_instances(
+    make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    gw = await make_gateway(make_config())
+    first = make_ct_series(tmp_path / "a", 3)
+    ds = pydicom.dcmread(first[0])
+    await asyncio.to_thread(_send, gw, first)
+    await _wait_indexed(gw, 3)
+    client = _client(gw)
+    series = (ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    meta = await asyncio.to_thread(client.retrieve_series_metadata, *series)
+    assert len(meta) == 3
+    kept = gw.cfg.data_dir / "dicomweb" / "metadata" / series[0] / f"{series[1]}.json"
+    assert kept.is_file()
+    built_at = kept.stat().st_mtime_ns
+    again = await asyncio.to_thread(client.retrieve_series_metadata, *series)
+    assert again == meta and kept.stat().st_mtime_ns == built_at  # served as kept
+    late = make_ct_series(
+        tmp_path / "b", 1, study_uid=series[0], series_uid=series[1], start_number=4
+    )
+    await asyncio.to_thread(_send, gw, late)
+    await _wait_indexed(gw, 4)
+    grown = await asyncio.to_thread(client.retrieve_series_metadata, *series)
+    assert sorted(_value(m, "00200013") for m in grown) == [1, 2, 3, 4]
+    study_meta = await asyncio.to_thread(client.retrieve_study_metadata, series[0])
+    assert len(study_meta) == 4
