@@ -158,6 +158,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
                 pool=dicomweb_pool,
                 scratch_dir=spool.tmp,
                 pool_backlog=cfg.dicomweb.pool_backlog,
+                max_frame_bytes=cfg.series.max_frame_bytes,
                 stow=StowReceiver(
                     spool=spool,
                     intake=ingest,

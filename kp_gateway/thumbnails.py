@@ -170,6 +170,56 @@ def render_series_thumbnail(
     return Thumbnail(_png(image), str(ds.get("SOPInstanceUID", "")) or None, "slice")
 
 
+def render_frame(
+    path: PathType,
+    frame: int = 0,
+    *,
+    viewport: tuple[int, int] | None = None,
+    window: tuple[float, float] | None = None,
+    jpeg_quality: int | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> bytes:
+    """One frame as a displayable image (DICOMweb ``/rendered``, PS3.18 8.3.5.1). Blocking
+    and CPU-bound; call in a worker process.
+
+    The frame (0-based) gets the Modality LUT, then `window` (center, width, linear) or the
+    file's own VOI, and is scaled to fit `viewport` (columns, rows) keeping its aspect; PNG,
+    or JPEG when `jpeg_quality` is given.
+
+    Raises
+    ------
+    ValueError
+        The file is unreadable, the frame does not exist, or its image is over the bounds of
+        :func:`check_pixel_budget`.
+    """
+    ds, stored = _read_header(path)
+    check_pixel_budget(ds, stored, path, max_frame_bytes)
+    if "Rows" not in ds or stored is None:
+        raise ValueError(f"{os.fspath(path)} has no image")
+    if not 0 <= frame < _frame_count(ds):
+        raise ValueError(f"frame {frame + 1} does not exist (the instance has {_frame_count(ds)})")
+    pixels = _decode(path, frame)
+    if window is not None and pixels.ndim == 2:
+        center, width = window
+        values = _modality(pixels, ds, frame)
+        scaled = np.clip((values - (center - 0.5)) / max(width - 1, 1.0) + 0.5, 0.0, 1.0)
+        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            scaled = 1.0 - scaled
+        display = np.asarray(np.round(scaled * 255.0), dtype=np.uint8)
+    else:
+        display = _to_display(pixels, ds, frame)
+    image = Image.fromarray(display)
+    if viewport is not None and (image.width > viewport[0] or image.height > viewport[1]):
+        image.thumbnail(viewport, Image.Resampling.LANCZOS)
+    if jpeg_quality is None:
+        return _png(image)
+    buffer = io.BytesIO()
+    image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
+        buffer, format="JPEG", quality=jpeg_quality
+    )
+    return buffer.getvalue()
+
+
 def referenced_series_uid(path: PathType) -> str | None:
     """Blocking and CPU-bound; call in a worker process.
 

@@ -19,6 +19,7 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from kp_gateway.errors import BadQueryError, InvalidDicomError, UnknownResourceError
+from kp_gateway.thumbnails import render_frame
 
 # Instance URLs in metadata are written against this placeholder and the DICOMweb root of the
 # request replaces it, so one cached text serves ``/dicomweb`` and every project's root.
@@ -119,3 +120,22 @@ def read_bulkdata(path: str, tag: int) -> bytes:
     if isinstance(value, bytes):
         return value
     raise BadQueryError(f"element {tag:08X} is not bulk data")
+
+
+def render(
+    path: str,
+    frame: int,
+    *,
+    viewport: tuple[int, int] | None,
+    window: tuple[float, float] | None,
+    jpeg_quality: int | None,
+    max_frame_bytes: int,
+) -> bytes:
+    """``/rendered`` and ``/thumbnail`` of one frame (1-based `frame`), PNG or JPEG."""
+    try:
+        return render_frame(
+            path, frame - 1, viewport=viewport, window=window, jpeg_quality=jpeg_quality,
+            max_frame_bytes=max_frame_bytes,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UnknownResourceError(f"cannot render: {exc}") from exc

@@ -33,6 +33,7 @@ from kp_gateway.dicomweb.media import (
     choose_frames,
     choose_json,
     frame_media_type,
+    parse_accept,
 )
 from kp_gateway.dicomweb.qido import parse_query, response_json, warnings_for
 from kp_gateway.dicomweb.stow import StowReceiver
@@ -41,6 +42,7 @@ from kp_gateway.dicomweb.stow import response_status as stow_response_status
 from kp_gateway.errors import (
     BackendError,
     BadQueryError,
+    NotAcceptableError,
     ObjectNotFoundError,
     UnknownResourceError,
     UnsupportedMediaError,
@@ -69,6 +71,7 @@ class DicomWebRuntime:
     pool: Executor
     scratch_dir: Path
     pending: asyncio.Semaphore
+    max_frame_bytes: int
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn` in the pool; waits (bounded) when the pool is busy."""
@@ -333,6 +336,81 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     return await _send_multipart(request, "application/octet-stream", parts, boundary)
 
 
+# -- WADO-RS: rendered -----------------------------------------------------------------------
+
+THUMBNAIL_PX = 256
+MAX_VIEWPORT_PX = 4096
+
+
+def _viewport(raw: str | None, default: tuple[int, int] | None) -> tuple[int, int] | None:
+    if raw is None:
+        return default
+    try:
+        columns, rows = (int(v) for v in raw.split(",")[:2])
+    except ValueError:
+        raise BadQueryError(f"viewport must be columns,rows: {raw[:40]!r}") from None
+    if not (0 < columns <= MAX_VIEWPORT_PX and 0 < rows <= MAX_VIEWPORT_PX):
+        raise BadQueryError(f"viewport sides must be 1-{MAX_VIEWPORT_PX} pixels")
+    return columns, rows
+
+
+def _window(raw: str | None) -> tuple[float, float] | None:
+    if raw is None:
+        return None
+    values = raw.split(",")
+    try:
+        center, width = float(values[0]), float(values[1])
+    except (ValueError, IndexError):
+        raise BadQueryError(f"window must be center,width[,function]: {raw[:40]!r}") from None
+    function = values[2].strip().lower() if len(values) > 2 else "linear"
+    if function not in ("linear", "linear-exact") or width <= 0:
+        raise BadQueryError("window: a positive width and the linear function are supported")
+    return center, width
+
+
+def _rendered_media(header: str | None) -> str:
+    for accepted in parse_accept(header):
+        for media_type in ("image/jpeg", "image/png"):
+            if accepted.matches(media_type):
+                return media_type
+    raise NotAcceptableError(f"rendered images are image/jpeg or image/png, not {header!r}")
+
+
+def _rendering(thumbnail: bool) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.Response:
+        media = _rendered_media(request.headers.get("Accept"))
+        query = request.query
+        viewport = _viewport(
+            query.get("viewport"), (THUMBNAIL_PX, THUMBNAIL_PX) if thumbnail else None
+        )
+        window = _window(query.get("window"))
+        quality = None
+        if media == "image/jpeg":
+            raw = query.get("quality", "90")
+            quality = int(raw) if raw.isdigit() else 0
+            if not 1 <= quality <= 100:
+                raise BadQueryError(f"quality must be 1-100, got {raw[:10]!r}")
+        frame = _frame_list(request.match_info.get("frames", "1"))
+        if len(frame) != 1:
+            raise BadQueryError("one frame is rendered at a time")
+        scope = await _scope(request)
+        found = await _instances(request, scope)
+        # A study or series is shown by its middle instance, as the gallery's thumbnail is.
+        item = found[len(found) // 2]
+        runtime = request.app[RUNTIME_KEY]
+        async with _local_files(runtime, request.app[STORAGE_KEY], [str(item["storage_key"])]) as (
+            path,
+        ):
+            image = await runtime.run(
+                pool_tasks.render, path, frame[0], viewport=viewport, window=window,
+                jpeg_quality=quality, max_frame_bytes=runtime.max_frame_bytes,
+            )  # fmt: skip
+        return web.Response(body=image, content_type=media)
+
+    handler.__doc__ = "WADO-RS " + ("thumbnail" if thumbnail else "rendered") + " (PS3.18 8.3.5)."
+    return handler
+
+
 # -- STOW-RS ---------------------------------------------------------------------------------
 
 
@@ -378,12 +456,14 @@ async def store(request: web.Request) -> web.Response:
 
 def setup_dicomweb(
     app: web.Application, *, index: IndexBackend, pool: Executor, scratch_dir: Path,
-    pool_backlog: int, stow: StowReceiver,
+    pool_backlog: int, stow: StowReceiver, max_frame_bytes: int,
 ) -> None:  # fmt: skip
     """Add the DICOMweb routes under both roots."""
     app[INDEX_KEY] = index
     app[STOW_KEY] = stow
-    app[RUNTIME_KEY] = DicomWebRuntime(pool, scratch_dir, asyncio.Semaphore(pool_backlog))
+    app[RUNTIME_KEY] = DicomWebRuntime(
+        pool, scratch_dir, asyncio.Semaphore(pool_backlog), max_frame_bytes
+    )
     for root in (ROOT, PROJECT_ROOT):
         r = app.router
         study = root + "/studies/{study}"
@@ -400,6 +480,10 @@ def setup_dicomweb(
             r.add_get(resource + "/metadata", metadata)
         r.add_get(instance + "/frames/{frames}", frames)
         r.add_get(instance + "/bulkdata/{tag}", bulkdata)
+        r.add_get(instance + "/rendered", _rendering(thumbnail=False))
+        r.add_get(instance + "/frames/{frames}/rendered", _rendering(thumbnail=False))
+        for resource in (study, series, instance):
+            r.add_get(resource + "/thumbnail", _rendering(thumbnail=True))
         r.add_post(root + "/studies", store)
         r.add_post(study, store)
 

@@ -461,3 +461,44 @@ async def test_series_metadata_is_kept_and_follows_new_instances(
     assert sorted(_value(m, "00200013") for m in grown) == [1, 2, 3, 4]
     study_meta = await asyncio.to_thread(client.retrieve_study_metadata, series[0])
     assert len(study_meta) == 4
+
+
+async def test_rendered_and_thumbnail(loaded: tuple[RunningGateway, Corpus]) -> None:
+    import io
+
+    from PIL import Image
+
+    gw, corpus = loaded
+    client = _client(gw)
+    ct = corpus.ds(corpus.ct[0])
+    uids = (ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID)
+    jpeg = await asyncio.to_thread(client.retrieve_instance_rendered, *uids)
+    image = Image.open(io.BytesIO(jpeg))
+    assert image.format == "JPEG" and image.size == (32, 32)
+    assert len(set(np.asarray(image).ravel().tolist())) > 10  # an image, not a blank
+    png = await asyncio.to_thread(
+        client.retrieve_instance_rendered, *uids, media_types=("image/png",),
+        params={"viewport": "16,16", "window": "40,400"},
+    )  # fmt: skip
+    small = Image.open(io.BytesIO(png))
+    assert small.format == "PNG" and small.size == (16, 16)
+    rle = corpus.ds(corpus.rle)
+    second = await asyncio.to_thread(
+        client.retrieve_instance_frames_rendered,
+        rle.StudyInstanceUID, rle.SeriesInstanceUID, rle.SOPInstanceUID, frame_numbers=[2],
+        media_types=("image/png",),
+    )  # fmt: skip
+    assert Image.open(io.BytesIO(second)).mode == "RGB"
+    base = f"http://127.0.0.1:{gw.http_port}/dicomweb/studies/{uids[0]}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/series/{uids[1]}/thumbnail") as r:
+            assert r.status == 200 and r.content_type == "image/jpeg"
+            assert Image.open(io.BytesIO(await r.read())).size == (32, 32)
+        async with http.get(f"{base}/thumbnail", headers={"Accept": "text/plain"}) as r:
+            assert r.status == 406
+        rendered = f"{base}/series/{uids[1]}/instances/{uids[2]}/rendered"
+        for query in ("viewport=0,10", "window=1", "quality=0", "viewport=a,b"):
+            async with http.get(f"{rendered}?{query}") as r:
+                assert r.status == 400, query
+        async with http.get(f"{base}/series/{uids[1]}/instances/{uids[2]}/frames/2/rendered") as r:
+            assert r.status == 404  # a single-frame instance
