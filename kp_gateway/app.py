@@ -159,6 +159,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
                 scratch_dir=spool.tmp,
                 pool_backlog=cfg.dicomweb.pool_backlog,
                 max_frame_bytes=cfg.series.max_frame_bytes,
+                cors_origins=cfg.dicomweb.cors_origins,
                 stow=StowReceiver(
                     spool=spool,
                     intake=ingest,

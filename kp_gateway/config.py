@@ -251,6 +251,11 @@ class DicomWebConfig:
     pool_backlog: int = _ck(
         32, "Requests waiting for those workers at once; more wait for their turn.", min=1
     )
+    cors_origins: str = _ck(
+        "",
+        "Other web origins (comma-separated, e.g. https://viewer.example.org) whose pages may "
+        "call DICOMweb with a token; empty: none (the gateway's own viewer needs none).",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -68,6 +68,16 @@ def is_api_path(path: str) -> bool:
     )
 
 
+def _is_cors_preflight(request: web.Request) -> bool:
+    """A browser's CORS preflight: it never carries credentials and reads nothing; the CORS
+    handler (only for ``dicomweb.cors_origins``) answers it."""
+    return (
+        request.method == "OPTIONS"
+        and "Access-Control-Request-Method" in request.headers
+        and is_api_path(request.path)
+    )
+
+
 def _is_public(path: str) -> bool:
     return path.startswith(("/health/", "/static/")) or path == "/metrics"
 
@@ -141,7 +151,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[PRINCIPAL_KEY] = ADMIN
         _check_path_scope(request, ADMIN)
         return await handler(request)
-    if _is_public(request.path):
+    if _is_public(request.path) or _is_cors_preflight(request):
         return await handler(request)
     if request.path in ("/login", "/logout"):
         check_same_origin(request)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp_cors
 from aiohttp import BodyPartReader, MultipartWriter, web
 from aiohttp.payload import AsyncIterablePayload, BytesPayload
 
@@ -48,6 +49,7 @@ from kp_gateway.errors import (
     UnsupportedMediaError,
 )
 from kp_gateway.http.appkeys import HTTP_CONFIG_KEY, INDEX_KEY, STORAGE_KEY
+from kp_gateway.http.auth import is_api_path
 from kp_gateway.http.responses import timed_body_read
 from kp_gateway.kaapana.keys import ADMIN_PROJECT
 from kp_gateway.names import DATASET_NAME_RULE, default_dataset_name, is_dataset_name
@@ -456,9 +458,10 @@ async def store(request: web.Request) -> web.Response:
 
 def setup_dicomweb(
     app: web.Application, *, index: IndexBackend, pool: Executor, scratch_dir: Path,
-    pool_backlog: int, stow: StowReceiver, max_frame_bytes: int,
+    pool_backlog: int, stow: StowReceiver, max_frame_bytes: int, cors_origins: str = "",
 ) -> None:  # fmt: skip
-    """Add the DICOMweb routes under both roots."""
+    """Add the DICOMweb routes under both roots; with `cors_origins`, let pages of those
+    origins call them (CORS, preflight included)."""
     app[INDEX_KEY] = index
     app[STOW_KEY] = stow
     app[RUNTIME_KEY] = DicomWebRuntime(
@@ -486,6 +489,25 @@ def setup_dicomweb(
             r.add_get(resource + "/thumbnail", _rendering(thumbnail=True))
         r.add_post(root + "/studies", store)
         r.add_post(study, store)
+    origins = [o.strip().rstrip("/") for o in cors_origins.split(",") if o.strip()]
+    if origins:
+        _allow_origins(app, origins)
+
+
+def _allow_origins(app: web.Application, origins: list[str]) -> None:
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False,  # bearer tokens only: the session cookie stays same-origin
+        allow_headers=("Authorization", "Accept", "Content-Type"),
+        allow_methods=("GET", "POST"),
+        expose_headers=("Warning", "Content-Type"),
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(origins, options))
+    for route in list(app.router.routes()):
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = str(info.get("formatter") or info.get("path") or "")
+        if is_api_path(path.replace("{project}", "p")) and "dicomweb" in path:
+            cors.add(route)
 
 
 __all__ = ["DICOM_JSON", "PROJECT_ROOT", "ROOT", "setup_dicomweb"]

@@ -502,3 +502,41 @@ async def test_rendered_and_thumbnail(loaded: tuple[RunningGateway, Corpus]) -> 
                 assert r.status == 400, query
         async with http.get(f"{base}/series/{uids[1]}/instances/{uids[2]}/frames/2/rendered") as r:
             assert r.status == 404  # a single-frame instance
+
+
+async def test_cors_only_for_configured_origins(
+    make_config: Callable[..., Any], make_gateway: Any
+) -> None:
+    allowed = "http://viewer.example"
+    gw = await make_gateway(make_config(http__auth=True, dicomweb__cors_origins=allowed))
+    base = f"http://127.0.0.1:{gw.http_port}"
+    preflight = {
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    async with aiohttp.ClientSession(base_url=base) as http:
+        async with http.options("/dicomweb/studies", headers={**preflight, "Origin": allowed}) as r:
+            assert r.status == 200
+            assert r.headers["Access-Control-Allow-Origin"] == allowed
+            assert "AUTHORIZATION" in r.headers["Access-Control-Allow-Headers"].upper()
+        async with http.options(
+            "/dicomweb/studies", headers={**preflight, "Origin": "http://evil.example"}
+        ) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers
+        bearer = {"Authorization": f"Bearer {gw.token}", "Origin": allowed}
+        async with http.get("/dicomweb/studies", headers=bearer) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == allowed
+        async with http.get("/api/projects", headers=bearer) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers  # DICOMweb only
+        async with http.get("/dicomweb/studies", headers={"Origin": allowed}) as r:
+            assert r.status == 401  # CORS opens the door to tokens, not around them
+
+
+async def test_no_cors_by_default(make_config: Callable[..., Any], make_gateway: Any) -> None:
+    gw = await make_gateway(make_config())
+    base = f"http://127.0.0.1:{gw.http_port}"
+    async with (
+        aiohttp.ClientSession(base_url=base) as http,
+        http.get("/dicomweb/studies", headers={"Origin": "http://a.example"}) as r,
+    ):
+        assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
