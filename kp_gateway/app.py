@@ -24,6 +24,7 @@ from kp_gateway.backends.base import IndexBackend, StorageBackend
 from kp_gateway.config import Config
 from kp_gateway.datadir import DataDir, load_or_create_token, lock_data_dir
 from kp_gateway.dicom.scp import Scp
+from kp_gateway.dicomweb.reader import DicomWebReader
 from kp_gateway.dicomweb.stow import StowLimits, StowReceiver
 from kp_gateway.http.app import limit_connections, make_app
 from kp_gateway.http.appkeys import Health
@@ -152,14 +153,19 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
             series_stages=series_stages,
         )
         if dicomweb_pool is not None:
+            dicomweb_reader = DicomWebReader(
+                pool=dicomweb_pool,
+                storage=storage,
+                index=index,
+                scratch_dir=spool.tmp,
+                backlog=cfg.dicomweb.pool_backlog,
+                max_frame_bytes=cfg.series.max_frame_bytes,
+            )
+            ingest.add_series_complete_hook(dicomweb_reader.on_series_complete)
             setup_dicomweb(
                 app,
                 index=index,
-                pool=dicomweb_pool,
-                scratch_dir=spool.tmp,
-                pool_backlog=cfg.dicomweb.pool_backlog,
-                max_frame_bytes=cfg.series.max_frame_bytes,
-                cors_origins=cfg.dicomweb.cors_origins,
+                reader=dicomweb_reader,
                 stow=StowReceiver(
                     spool=spool,
                     intake=ingest,
@@ -169,6 +175,7 @@ async def _running(cfg: Config) -> AsyncIterator[RunningGateway]:
                         admission_wait_s=cfg.dicom.admission_wait_s,
                     ),
                 ),
+                cors_origins=cfg.dicomweb.cors_origins,
             )
         runner = web.AppRunner(
             app,

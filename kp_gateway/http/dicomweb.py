@@ -9,23 +9,17 @@ exceptions the error middleware turns into statuses (400 bad query, 404, 406).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import logging
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp_cors
 from aiohttp import BodyPartReader, MultipartWriter, web
 from aiohttp.payload import AsyncIterablePayload, BytesPayload
 
-from kp_gateway.backends.base import IndexBackend, StorageBackend
+from kp_gateway.backends.base import IndexBackend
 from kp_gateway.dicomweb import instances as pool_tasks
 from kp_gateway.dicomweb.attributes import Level
 from kp_gateway.dicomweb.media import (
@@ -37,14 +31,13 @@ from kp_gateway.dicomweb.media import (
     parse_accept,
 )
 from kp_gateway.dicomweb.qido import parse_query, response_json, warnings_for
+from kp_gateway.dicomweb.reader import DicomWebReader
 from kp_gateway.dicomweb.stow import StowReceiver
 from kp_gateway.dicomweb.stow import response_json as stow_response_json
 from kp_gateway.dicomweb.stow import response_status as stow_response_status
 from kp_gateway.errors import (
-    BackendError,
     BadQueryError,
     NotAcceptableError,
-    ObjectNotFoundError,
     UnknownResourceError,
     UnsupportedMediaError,
 )
@@ -64,29 +57,7 @@ PROJECT_ROOT = "/projects/{project}/dicomweb"
 MAX_FRAMES_PER_REQUEST = 10_000
 
 
-@dataclass
-class DicomWebRuntime:
-    """What the DICOMweb handlers need beyond the index and storage: the process pool that
-    reads stored instances, a bound on the tasks waiting for it, and a scratch folder for
-    objects that are not local files (S3)."""
-
-    pool: Executor
-    scratch_dir: Path
-    pending: asyncio.Semaphore
-    max_frame_bytes: int
-
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `fn` in the pool; waits (bounded) when the pool is busy."""
-        async with self.pending:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.pool, _call, fn, args, kwargs)
-
-
-def _call(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-    return fn(*args, **kwargs)
-
-
-RUNTIME_KEY = web.AppKey("dicomweb_runtime", DicomWebRuntime)
+READER_KEY = web.AppKey("dicomweb_reader", DicomWebReader)
 STOW_KEY = web.AppKey("dicomweb_stow", StowReceiver)
 
 
@@ -198,88 +169,26 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     return await _send_multipart(request, "application/dicom", parts, boundary)
 
 
-@contextlib.asynccontextmanager
-async def _local_files(
-    runtime: DicomWebRuntime, storage: StorageBackend, keys: Sequence[str]
-) -> AsyncIterator[list[str]]:
-    """Paths of the objects `keys` the pool can open: storage's own files, or copies in a
-    scratch folder (removed afterwards) for a backend that has none."""
-    local = [storage.local_path(k) for k in keys]
-    if all(p is not None for p in local):
-        yield [str(p) for p in local]
-        return
-    with tempfile.TemporaryDirectory(dir=runtime.scratch_dir, prefix="dicomweb-") as folder:
-        paths = []
-        for n, key in enumerate(keys):
-            dest = Path(folder) / f"{n}.dcm"
-            await storage.fetch_to_file(key, dest)
-            paths.append(str(dest))
-        yield paths
-
-
-def _instance_path(item: dict[str, Any]) -> str:
-    return f"studies/{item['study_uid']}/series/{item['series_uid']}/instances/{item['sop_uid']}"
-
-
 async def metadata(request: web.Request) -> web.Response:
     """WADO-RS metadata of a study, series or instance: DICOM JSON, bulk data by URI.
 
-    A series' metadata is built once in the pool and kept in storage
-    (``dicomweb/metadata/<study>/<series>.json``) under a fingerprint of its instances; it is
-    built again only when an instance arrived or was replaced since, so a 500-slice CT costs
-    one read of one object.
+    A series' metadata is kept in storage while current
+    (:meth:`~kp_gateway.dicomweb.reader.DicomWebReader.series_metadata`), so a 500-slice CT
+    costs one read of one object.
     """
     content_type = choose_json(request.headers.get("Accept"))
     scope = await _scope(request)
     found = await _instances(request, scope)
+    reader = request.app[READER_KEY]
     if request.match_info.get("instance") is not None:
-        text = await _build_metadata(request, found)
+        text = await reader.build_metadata(found)
     else:
         by_series: dict[str, list[dict[str, Any]]] = {}
         for item in found:
             by_series.setdefault(str(item["series_uid"]), []).append(item)
-        parts = [await _series_metadata(request, items) for items in by_series.values()]
+        parts = [await reader.series_metadata(items) for items in by_series.values()]
         text = "[" + ",".join(p[1:-1] for p in parts if len(p) > 2) + "]"
     return _json(text.replace(pool_tasks.ROOT_PLACEHOLDER, scope.root), content_type)
-
-
-async def _build_metadata(request: web.Request, found: Sequence[dict[str, Any]]) -> str:
-    runtime = request.app[RUNTIME_KEY]
-    keys = [str(i["storage_key"]) for i in found]
-    async with _local_files(runtime, request.app[STORAGE_KEY], keys) as paths:
-        items = [(path, _instance_path(i)) for path, i in zip(paths, found, strict=True)]
-        return await runtime.run(pool_tasks.series_metadata, items)
-
-
-def _fingerprint(found: Sequence[dict[str, Any]]) -> str:
-    """Changes when an instance of the series arrives, leaves or is replaced."""
-    digest = hashlib.sha256()
-    for i in sorted(found, key=lambda i: str(i["sop_uid"])):
-        digest.update(
-            f"{i['sop_uid']}|{i['size']}|{i['received_at']}|{i['storage_key']}\n".encode()
-        )
-    return digest.hexdigest()
-
-
-async def _series_metadata(request: web.Request, found: Sequence[dict[str, Any]]) -> str:
-    storage = request.app[STORAGE_KEY]
-    first = found[0]
-    key = f"dicomweb/metadata/{first['study_uid']}/{first['series_uid']}.json"
-    fingerprint = _fingerprint(found).encode()
-    try:
-        cached = b"".join([chunk async for chunk in storage.read_chunks(key)])
-    except ObjectNotFoundError:
-        cached = b""
-    head, _, body = cached.partition(b"\n")
-    if head == fingerprint:
-        return body.decode()
-    text = await _build_metadata(request, found)
-    # A cache: a failed write costs the next request a rebuild, nothing else.
-    try:
-        await storage.put_bytes(key, fingerprint + b"\n" + text.encode())
-    except BackendError:
-        logger.warning("could not keep the metadata of series %s", first["series_uid"])
-    return text
 
 
 def _frame_list(raw: str) -> list[int]:
@@ -302,13 +211,9 @@ async def frames(request: web.Request) -> web.StreamResponse:
     (item,) = await _instances(request, scope)
     stored = str(item["transfer_syntax_uid"])
     choice = choose_frames(request.headers.get("Accept"), stored)
-    runtime = request.app[RUNTIME_KEY]
-    async with _local_files(runtime, request.app[STORAGE_KEY], [str(item["storage_key"])]) as (
-        path,
-    ):
-        data, syntax = await runtime.run(
-            pool_tasks.read_frames, path, numbers, decode=choice.decode
-        )
+    reader = request.app[READER_KEY]
+    async with reader.local_files([str(item["storage_key"])]) as (path,):
+        data, syntax = await reader.run(pool_tasks.read_frames, path, numbers, decode=choice.decode)
     media = frame_media_type(syntax)
     boundary = _boundary()
     with MultipartWriter("related", boundary=boundary) as parts:
@@ -327,11 +232,9 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
         raise UnknownResourceError("not a tag") from None
     scope = await _scope(request)
     (item,) = await _instances(request, scope)
-    runtime = request.app[RUNTIME_KEY]
-    async with _local_files(runtime, request.app[STORAGE_KEY], [str(item["storage_key"])]) as (
-        path,
-    ):
-        value = await runtime.run(pool_tasks.read_bulkdata, path, tag)
+    reader = request.app[READER_KEY]
+    async with reader.local_files([str(item["storage_key"])]) as (path,):
+        value = await reader.run(pool_tasks.read_bulkdata, path, tag)
     boundary = _boundary()
     with MultipartWriter("related", boundary=boundary) as parts:
         parts.append_payload(BytesPayload(value, content_type="application/octet-stream"))
@@ -399,13 +302,11 @@ def _rendering(thumbnail: bool) -> Callable[[web.Request], Any]:
         found = await _instances(request, scope)
         # A study or series is shown by its middle instance, as the gallery's thumbnail is.
         item = found[len(found) // 2]
-        runtime = request.app[RUNTIME_KEY]
-        async with _local_files(runtime, request.app[STORAGE_KEY], [str(item["storage_key"])]) as (
-            path,
-        ):
-            image = await runtime.run(
+        reader = request.app[READER_KEY]
+        async with reader.local_files([str(item["storage_key"])]) as (path,):
+            image = await reader.run(
                 pool_tasks.render, path, frame[0], viewport=viewport, window=window,
-                jpeg_quality=quality, max_frame_bytes=runtime.max_frame_bytes,
+                jpeg_quality=quality, max_frame_bytes=reader.max_frame_bytes,
             )  # fmt: skip
         return web.Response(body=image, content_type=media)
 
@@ -457,16 +358,21 @@ async def store(request: web.Request) -> web.Response:
 
 
 def setup_dicomweb(
-    app: web.Application, *, index: IndexBackend, pool: Executor, scratch_dir: Path,
-    pool_backlog: int, stow: StowReceiver, max_frame_bytes: int, cors_origins: str = "",
+    app: web.Application, *, index: IndexBackend, reader: DicomWebReader, stow: StowReceiver,
+    cors_origins: str = "",
 ) -> None:  # fmt: skip
     """Add the DICOMweb routes under both roots; with `cors_origins`, let pages of those
     origins call them (CORS, preflight included)."""
     app[INDEX_KEY] = index
     app[STOW_KEY] = stow
-    app[RUNTIME_KEY] = DicomWebRuntime(
-        pool, scratch_dir, asyncio.Semaphore(pool_backlog), max_frame_bytes
-    )
+    app[READER_KEY] = reader
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        reader.start()
+        yield
+        await reader.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
     for root in (ROOT, PROJECT_ROOT):
         r = app.router
         study = root + "/studies/{study}"

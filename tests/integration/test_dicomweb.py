@@ -445,11 +445,13 @@ async def test_series_metadata_is_kept_and_follows_new_instances(
     await _wait_indexed(gw, 3)
     client = _client(gw)
     series = (ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    kept = gw.cfg.data_dir / "dicomweb" / "metadata" / series[0] / f"{series[1]}.json"
+    async with asyncio.timeout(30):  # built ahead when the series completes
+        while not kept.is_file():
+            await asyncio.sleep(0.05)
+    built_at = kept.stat().st_mtime_ns
     meta = await asyncio.to_thread(client.retrieve_series_metadata, *series)
     assert len(meta) == 3
-    kept = gw.cfg.data_dir / "dicomweb" / "metadata" / series[0] / f"{series[1]}.json"
-    assert kept.is_file()
-    built_at = kept.stat().st_mtime_ns
     again = await asyncio.to_thread(client.retrieve_series_metadata, *series)
     assert again == meta and kept.stat().st_mtime_ns == built_at  # served as kept
     late = make_ct_series(
