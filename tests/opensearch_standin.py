@@ -321,6 +321,19 @@ class Standin:
                 self._index(p[0])
                 del self.indices[p[0]]
                 return 200, {"acknowledged": True}
+            case ("PUT" | "POST", 2, _, "_mapping"):
+                params()
+                index = self._index(p[0])
+                spec = check_keys(body(), {"properties", "dynamic"}, "put mapping")
+                for field_name, mapping in spec.get("properties", {}).items():
+                    old = index.props.get(field_name)
+                    if old is not None and old.get("type") != mapping.get("type"):
+                        raise bad(
+                            f"mapper [{field_name}] cannot be changed from type "
+                            f"[{old.get('type')}] to [{mapping.get('type')}]"
+                        )
+                index.configure({"properties": spec.get("properties", {})})
+                return 200, {"acknowledged": True}
             case ("GET", 2, _, "_mapping"):
                 params()
                 return 200, {p[0]: {"mappings": self._mapping_body(self._index(p[0]))}}
@@ -725,10 +738,26 @@ class Standin:
             return self._query_string(
                 index, check_keys(body, {"query", "fields", "lenient"}, kind), doc
             )
-        if kind not in ("term", "terms", "wildcard"):
+        if kind not in ("term", "terms", "wildcard", "range"):
             raise bad(f"unknown query [{kind}]", "parsing_exception")
         ((name, arg),) = body.items()
         mapping = index.mapping_of(name) or {"type": "keyword"}
+        if mapping.get("index") is False:
+            raise bad(f"Cannot search on field [{name}] since it is not indexed.")
+        if kind == "range":
+            bounds = check_keys(arg, {"gte", "lte", "gt", "lt"}, kind)
+            numeric = mapping.get("type") in ("long", "integer", "float", "double")
+
+            def within(v: Any) -> bool:
+                value = float(v) if numeric else str(v)
+                for op, bound in bounds.items():
+                    b = float(bound) if numeric else str(bound)
+                    if not {"gte": value >= b, "lte": value <= b, "gt": value > b,
+                            "lt": value < b}[op]:  # fmt: skip
+                        return False
+                return True
+
+            return any(within(v) for v in values_at(doc.source, name))
         found = values_at(doc.source, name)
         if mapping.get("type") == "text":
             found = [t for v in found for t in re.findall(r"\w+", str(v).lower())]

@@ -36,11 +36,12 @@ import opensearchpy
 from opensearchpy import AsyncOpenSearch
 
 from kp_gateway.backends.base import IndexedInstance, SeriesQuery
-from kp_gateway.dicomweb.qido import QidoQuery, QidoRow
+from kp_gateway.dicomweb.attributes import LEVEL_TAGS, Level, canonical_number, match_values
+from kp_gateway.dicomweb.qido import UID_TAGS, Match, MatchKind, QidoQuery, QidoRow
 from kp_gateway.errors import (
     BackendRejectedError,
     BackendUnavailableError,
-    FeatureUnavailableError,
+    BadQueryError,
 )
 from kp_gateway.kaapana.completion import completion_fields
 from kp_gateway.kaapana.keys import (
@@ -61,6 +62,7 @@ PROJECTS = "kp_projects"
 DATASETS = "kp_datasets"
 SERIES = "kp_series"
 INSTANCES = "kp_instances_v1"
+STUDIES = "kp_studies"
 LEGACY_INSTANCES = "kp_instances"
 QUARANTINE = "kp_quarantine"
 
@@ -68,11 +70,6 @@ MAX_RESULT_WINDOW = 10_000  # OpenSearch's default index.max_result_window
 SCAN_PAGE = 1000
 TEXT_MATCH_CAP = 10_000  # most series a free-text match over documents contributes
 REFRESH = "wait_for"
-# DICOMweb's study, series and instance attribute index exists for SQLite only so far.
-_NO_DICOMWEB = (
-    'DICOMweb needs the SQLite index (index.backend = "sqlite"); the OpenSearch index '
-    "does not keep the DICOMweb attributes yet"
-)
 
 
 def _date(fmt: str) -> dict[str, Any]:
@@ -115,19 +112,42 @@ def _mapping(**fields_by_type: str) -> dict[str, Any]:
     return {"mappings": {"dynamic": "strict", "properties": properties}}
 
 
+# DICOMweb: each level's attributes as DICOM JSON text (returned, never searched) and, per
+# tag, their values in matching form (``q_<tag>``: dicomweb/attributes.py: match_values).
+_STORED_ONLY = {"type": "keyword", "index": False, "doc_values": False}
+
+
+def _dicomweb_fields(level: Level) -> dict[str, Any]:
+    return {"attrs": _STORED_ONLY, **{f"q_{tag}": {"type": "keyword"} for tag in LEVEL_TAGS[level]}}
+
+
+def _with(body: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    body["mappings"]["properties"].update(extra)
+    return body
+
+
 KP_INDICES: dict[str, dict[str, Any]] = {
     PROJECTS: _mapping(keyword="name description", double="created_at"),
     DATASETS: _mapping(keyword="project name", double="created_at"),
-    SERIES: _mapping(
-        keyword="series_uid study_uid patient_id modality description series_date projects "
-        "datasets",
-        double="first_received_at last_received_at completed_at",
-        boolean="complete",
+    SERIES: _with(
+        _mapping(
+            keyword="series_uid study_uid patient_id modality description series_date projects "
+            "datasets",
+            double="first_received_at last_received_at completed_at",
+            boolean="complete",
+        ),
+        _dicomweb_fields(Level.SERIES),
     ),
-    INSTANCES: _mapping(
-        keyword="sop_uid series_uid study_uid sop_class_uid transfer_syntax_uid storage_key",
-        long="instance_number number_of_frames size",
-        double="received_at",
+    INSTANCES: _with(
+        _mapping(
+            keyword="sop_uid series_uid study_uid sop_class_uid transfer_syntax_uid storage_key",
+            long="instance_number number_of_frames size",
+            double="received_at",
+        ),
+        _dicomweb_fields(Level.INSTANCE),
+    ),
+    STUDIES: _with(
+        _mapping(keyword="study_uid", double="created_at"), _dicomweb_fields(Level.STUDY)
     ),
     QUARANTINE: _mapping(keyword="stage path", text="reason", double="at"),
 }
@@ -188,6 +208,18 @@ def _write_op(index: str, doc_id: str, source: dict[str, Any], prev: _Versioned)
 
 
 _BY_SOP = [{"sop_uid": {"order": "asc"}}]
+
+
+def _action(op: str, index: str, doc_id: str) -> dict[str, Any]:
+    return {op: {"_index": index, "_id": doc_id}}
+
+
+def _dicomweb_source(texts: tuple[str, str, str] | None, level: int) -> dict[str, Any]:
+    """The ``attrs`` text and ``q_<tag>`` values of one level (0 study, 1 series, 2 instance)."""
+    if texts is None:
+        return {}
+    text = texts[level]
+    return {"attrs": text, **{f"q_{tag}": v for tag, v in match_values(text).items()}}
 
 
 def instance_id(series_instance_uid: str, sop_instance_uid: str) -> str:
@@ -416,6 +448,14 @@ class OpenSearchIndex:
         )
         for index, body in KP_INDICES.items():
             await self._ensure_index(index, body)
+        for index, level in ((SERIES, Level.SERIES), (INSTANCES, Level.INSTANCE)):
+            # Indices of a gateway before DICOMweb: adding fields to a mapping is allowed.
+            await self._req(
+                "put mapping",
+                self.client.indices.put_mapping(
+                    index=index, body={"properties": _dicomweb_fields(level)}
+                ),
+            )
         await self._migrate_legacy_instances()
         now = time.time()
         ops: list[Op] = []
@@ -472,6 +512,7 @@ class OpenSearchIndex:
         ops: list[Op] = []
         datasets: dict[str, Op] = {}
         plans: dict[str, _SeriesPlan] = {}
+        studies: dict[str, list[Op]] = {}
         for item in batch:
             rec, routing, now = item.record, item.routing, item.received_at
             targets = index_targets(routing, projects)
@@ -486,7 +527,16 @@ class OpenSearchIndex:
                 "size": rec.size_bytes,
                 "storage_key": rec.storage_key,
                 "received_at": now,
+                **_dicomweb_source(rec.dicomweb_json, 2),
             }
+            if rec.dicomweb_json is not None:
+                # The first writer sets created_at; every instance refreshes the attributes.
+                study_uid = rec.study_instance_uid
+                study = {"study_uid": study_uid, **_dicomweb_source(rec.dicomweb_json, 0)}
+                studies[study_uid] = [
+                    (_action("create", STUDIES, study_uid), {**study, "created_at": now}),
+                    (_action("update", STUDIES, study_uid), {"doc": study}),
+                ]
             doc_id = instance_id(rec.series_instance_uid, rec.sop_instance_uid)
             # The same instance again (same series, same SOP) replaces the earlier copy.
             ops.append(({"index": {"_index": INSTANCES, "_id": doc_id}}, instance))
@@ -501,7 +551,8 @@ class OpenSearchIndex:
                 if rec.document is not None:
                     plan.docs.setdefault(project, []).append(rec.document)
         # Instances first: a series is never visible with instances that are not yet indexed.
-        self._check(await self._bulk(ops + list(datasets.values())), conflicts_ok=True)
+        study_ops = [op for pair in studies.values() for op in pair]
+        self._check(await self._bulk(ops + list(datasets.values()) + study_ops), conflicts_ok=True)
         await self._merge_series(plans)
 
     async def _merge_series(self, plans: dict[str, _SeriesPlan]) -> None:
@@ -554,8 +605,11 @@ class OpenSearchIndex:
                 "completed_at": None,
                 "projects": sorted(plan.projects),
                 "datasets": sorted(plan.datasets),
+                **_dicomweb_source(rec.dicomweb_json, 1),
             }
         source = dict(prev.source)
+        if plan.first.dicomweb_json is not None:
+            source.update(_dicomweb_source(plan.first.dicomweb_json, 1))
         source["last_received_at"] = max(source["last_received_at"], plan.last_at)
         # A late instance re-opens a completed series; completion runs again after it.
         source["complete"] = False
@@ -885,14 +939,218 @@ class OpenSearchIndex:
             async for hit in self._scan(INSTANCES, {"term": {"sop_uid": sop_instance_uid}}, sort)
         ]
 
+    # -- DICOMweb ---------------------------------------------------------------------------
+
     async def qido(self, query: QidoQuery) -> tuple[list[QidoRow], bool]:
-        raise FeatureUnavailableError(_NO_DICOMWEB)
+        if query.offset + query.limit + 1 > MAX_RESULT_WINDOW:
+            raise BadQueryError(
+                f"offset + limit must stay under {MAX_RESULT_WINDOW} with the OpenSearch index"
+            )
+        if query.level is Level.STUDY:
+            return await self._qido_studies(query)
+        if query.level is Level.SERIES:
+            return await self._qido_series(query)
+        return await self._qido_instances(query)
+
+    async def _uids(self, index: str, field_name: str, filters: list[dict[str, Any]]) -> set[str]:
+        """Every `field_name` of the documents of `index` matching `filters`."""
+        query = {"bool": {"filter": filters}} if filters else {"match_all": {}}
+        sort_key = {SERIES: "series_uid", STUDIES: "study_uid"}[index]
+        return {
+            str(hit["_source"][field_name])
+            async for hit in self._scan(index, query, [{sort_key: {"order": "asc"}}])
+        }
+
+    def _project_filter(self, query: QidoQuery) -> list[dict[str, Any]]:
+        return [{"term": {"projects": query.project}}]
+
+    async def _scoped(
+        self, query: QidoQuery, level: Level, field_name: str
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Filters on `field_name` (``study_uid`` or ``series_uid``) narrowing to what the
+        higher levels' matches, the project and ModalitiesInStudy allow; False when nothing
+        can match."""
+        filters: list[dict[str, Any]] = []
+        study_matches = _os_matches(query, Level.STUDY, skip_uids=level is not Level.STUDY)
+        if study_matches and level is not Level.STUDY:
+            studies = await self._uids(STUDIES, "study_uid", study_matches)
+            if not studies:
+                return [], False
+            filters.append({"terms": {"study_uid": sorted(studies)}})
+        series_filters = self._project_filter(query) if level is Level.STUDY else []
+        if query.modalities_in_study:
+            series_filters = [
+                *self._project_filter(query),
+                {"terms": {"modality": list(query.modalities_in_study)}},
+            ]
+        if series_filters:
+            studies = await self._uids(SERIES, "study_uid", series_filters)
+            if not studies:
+                return [], False
+            filters.append({"terms": {"study_uid": sorted(studies)}})
+        if level is Level.INSTANCE:
+            wanted = [
+                *self._project_filter(query),
+                *_os_matches(query, Level.SERIES, skip_uids=True),
+            ]
+            series = await self._uids(SERIES, "series_uid", wanted)
+            if not series:
+                return [], False
+            filters.append({"terms": {"series_uid": sorted(series)}})
+        return filters, True
+
+    async def _page(
+        self, index: str, filters: list[dict[str, Any]], sort: list[dict[str, Any]],
+        query: QidoQuery,
+    ) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
+        body = {
+            "query": {"bool": {"filter": filters}},
+            "sort": sort,
+            "from": query.offset,
+            "size": query.limit + 1,
+            "track_total_hits": False,
+        }
+        hits = [h["_source"] for h in (await self._search(index, body))["hits"]["hits"]]
+        return hits[: query.limit], len(hits) > query.limit
+
+    async def _counts(
+        self, index: str, field_name: str, filters: list[dict[str, Any]]
+    ) -> dict[str, int]:
+        body = {
+            "size": 0,
+            "query": {"bool": {"filter": filters}},
+            "aggs": {"n": {"terms": {"field": field_name, "size": MAX_RESULT_WINDOW}}},
+        }
+        buckets = (await self._search(index, body))["aggregations"]["n"]["buckets"]
+        return {str(b["key"]): int(b["doc_count"]) for b in buckets}
+
+    async def _attrs(self, index: str, uids: set[str]) -> dict[str, str]:
+        wanted = sorted(uids)
+        docs = await self._mget([(index, uid) for uid in wanted])
+        return {
+            uid: str((d.source or {}).get("attrs") or "{}")
+            for uid, d in zip(wanted, docs, strict=True)
+        }
+
+    async def _qido_studies(self, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+        filters, possible = await self._scoped(query, Level.STUDY, "study_uid")
+        if not possible:
+            return [], False
+        filters += _os_matches(query, Level.STUDY, skip_uids=False)
+        sort = [{"created_at": {"order": "asc"}}, {"study_uid": {"order": "asc"}}]
+        page, more = await self._page(STUDIES, filters, sort, query)
+        uids = [str(d["study_uid"]) for d in page]
+        series_by_study: dict[str, list[dict[str, Any]]] = {uid: [] for uid in uids}
+        if uids:
+            scope = [*self._project_filter(query), {"terms": {"study_uid": uids}}]
+            async for hit in self._scan(
+                SERIES, {"bool": {"filter": scope}}, [{"series_uid": {"order": "asc"}}]
+            ):
+                series_by_study[str(hit["_source"]["study_uid"])].append(hit["_source"])
+        all_series = [str(s["series_uid"]) for ss in series_by_study.values() for s in ss]
+        per_series = (
+            await self._counts(INSTANCES, "series_uid", [{"terms": {"series_uid": all_series}}])
+            if all_series
+            else {}
+        )
+        return [
+            QidoRow(
+                study_uid=uid,
+                study_json=str(doc.get("attrs") or "{}"),
+                modalities=sorted(
+                    {str(s.get("modality") or "") for s in series_by_study[uid]} - {""}
+                ),
+                study_series=len(series_by_study[uid]),
+                study_instances=sum(
+                    per_series.get(str(s["series_uid"]), 0) for s in series_by_study[uid]
+                ),
+            )
+            for uid, doc in zip(uids, page, strict=True)
+        ], more
+
+    async def _qido_series(self, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+        filters, possible = await self._scoped(query, Level.SERIES, "study_uid")
+        if not possible:
+            return [], False
+        filters += self._project_filter(query)
+        filters += _os_matches(query, Level.SERIES, skip_uids=False)
+        filters += _uid_filters(query, Level.STUDY)
+        sort = [{"first_received_at": {"order": "asc"}}, {"series_uid": {"order": "asc"}}]
+        page, more = await self._page(SERIES, filters, sort, query)
+        studies = await self._attrs(STUDIES, {str(d["study_uid"]) for d in page})
+        uids = [str(d["series_uid"]) for d in page]
+        counts = (
+            await self._counts(INSTANCES, "series_uid", [{"terms": {"series_uid": uids}}])
+            if uids
+            else {}
+        )
+        return [
+            QidoRow(
+                study_uid=str(d["study_uid"]),
+                series_uid=str(d["series_uid"]),
+                study_json=studies.get(str(d["study_uid"]), "{}"),
+                series_json=str(d.get("attrs") or "{}"),
+                series_instances=counts.get(str(d["series_uid"]), 0),
+            )
+            for d in page
+        ], more
+
+    async def _qido_instances(self, query: QidoQuery) -> tuple[list[QidoRow], bool]:
+        filters, possible = await self._scoped(query, Level.INSTANCE, "study_uid")
+        if not possible:
+            return [], False
+        filters += _os_matches(query, Level.INSTANCE, skip_uids=False)
+        filters += _uid_filters(query, Level.STUDY) + _uid_filters(query, Level.SERIES)
+        sort = [
+            {"series_uid": {"order": "asc"}},
+            {"instance_number": {"order": "asc", "missing": "_first"}},
+            {"sop_uid": {"order": "asc"}},
+        ]
+        page, more = await self._page(INSTANCES, filters, sort, query)
+        studies = await self._attrs(STUDIES, {str(d["study_uid"]) for d in page})
+        series = await self._attrs(SERIES, {str(d["series_uid"]) for d in page})
+        return [
+            QidoRow(
+                study_uid=str(d["study_uid"]),
+                series_uid=str(d["series_uid"]),
+                sop_uid=str(d["sop_uid"]),
+                study_json=studies.get(str(d["study_uid"]), "{}"),
+                series_json=series.get(str(d["series_uid"]), "{}"),
+                instance_json=str(d.get("attrs") or "{}"),
+            )
+            for d in page
+        ], more
 
     async def dicomweb_instances(
         self, project: str, study_uid: str, series_uid: str | None = None,
         sop_uid: str | None = None,
     ) -> list[dict[str, Any]]:  # fmt: skip
-        raise FeatureUnavailableError(_NO_DICOMWEB)
+        filters: list[dict[str, Any]] = [{"term": {"study_uid": study_uid}}]
+        if series_uid is not None:
+            filters.append({"term": {"series_uid": series_uid}})
+        if sop_uid is not None:
+            filters.append({"term": {"sop_uid": sop_uid}})
+        sort = [
+            {"series_uid": {"order": "asc"}},
+            {"instance_number": {"order": "asc", "missing": "_first"}},
+            {"sop_uid": {"order": "asc"}},
+        ]
+        fields = (
+            "study_uid", "series_uid", "sop_uid", "sop_class_uid", "transfer_syntax_uid",
+            "number_of_frames", "size", "storage_key", "received_at",
+        )  # fmt: skip
+        rows = [
+            {k: hit["_source"].get(k) for k in fields}
+            async for hit in self._scan(INSTANCES, {"bool": {"filter": filters}}, sort)
+        ]
+        series = sorted({str(r["series_uid"]) for r in rows})
+        docs = await self._mget([(SERIES, uid) for uid in series])
+        allowed = {
+            uid
+            for uid, d in zip(series, docs, strict=True)
+            if d.source is not None and project in (d.source.get("projects") or [])
+        }
+        return [r for r in rows if r["series_uid"] in allowed]
 
     async def incomplete_series(self) -> list[str]:
         return [
@@ -901,3 +1159,58 @@ class OpenSearchIndex:
                 SERIES, {"term": {"complete": False}}, [{"series_uid": {"order": "asc"}}]
             )
         ]
+
+
+def _uid_filters(query: QidoQuery, level: Level) -> list[dict[str, Any]]:
+    """The UID matches of `level` (path or query) as terms filters on its UID field."""
+    field_name = {Level.STUDY: "study_uid", Level.SERIES: "series_uid", Level.INSTANCE: "sop_uid"}
+    return [
+        {"terms": {field_name[level]: list(m.values)}}
+        for m in query.matches
+        if m.level is level and m.tag in UID_TAGS and m.kind is not MatchKind.UNIVERSAL
+    ]
+
+
+def _os_match(m: Match) -> dict[str, Any] | None:
+    """One non-UID matching key as an OpenSearch filter on its ``q_<tag>`` values."""
+    name = f"q_{m.tag}"
+
+    def form(value: str) -> str:
+        if m.vr == "PN":
+            return value.lower()
+        if m.vr in ("IS", "US", "UL", "SS", "SL", "DS", "FL", "FD"):
+            return canonical_number(value) or value
+        return value
+
+    if m.kind is MatchKind.UNIVERSAL:
+        return None
+    if m.kind is MatchKind.RANGE:
+        low, high = m.values
+        bounds: dict[str, str] = {}
+        if low:
+            bounds["gte"] = low
+        if high:
+            bounds["lte"] = high.ljust(6, "9") if m.vr == "TM" else high
+        return {"range": {name: bounds}}
+    if m.kind is MatchKind.WILDCARD:
+        pattern = form(m.values[0]).replace("\\", "\\\\")
+        return {"wildcard": {name: {"value": pattern}}}
+    return {"terms": {name: [form(v) for v in m.values]}}
+
+
+def _os_matches(query: QidoQuery, level: Level, *, skip_uids: bool) -> list[dict[str, Any]]:
+    """Filters for `level`'s non-UID matches (its UID matches too unless `skip_uids`)."""
+    out: list[dict[str, Any]] = []
+    for m in query.matches:
+        if m.level is not level:
+            continue
+        if m.tag in UID_TAGS:
+            if not skip_uids and m.kind is not MatchKind.UNIVERSAL:
+                out.append(
+                    {"terms": {{Level.STUDY: "study_uid", Level.SERIES: "series_uid",
+                                Level.INSTANCE: "sop_uid"}[level]: list(m.values)}}
+                )  # fmt: skip
+            continue
+        if (condition := _os_match(m)) is not None:
+            out.append(condition)
+    return out

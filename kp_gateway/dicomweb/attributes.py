@@ -116,3 +116,38 @@ def tag_of(key: str) -> str | None:
         return f"{int(Tag(key)):08X}"
     except (ValueError, TypeError):
         return None
+
+
+def _match_value(vr: str, value: Any) -> str | None:
+    """The form a value is matched in: a person name's alphabetic group in lower case, a
+    number in one canonical spelling, anything else as it is."""
+    if isinstance(value, dict):
+        alphabetic = value.get("Alphabetic")
+        return None if alphabetic is None else str(alphabetic).lower()
+    if vr in NUMERIC_VRS:
+        return canonical_number(value)
+    return str(value)
+
+
+NUMERIC_VRS = frozenset({"IS", "US", "UL", "SS", "SL", "DS", "FL", "FD"})
+
+
+def canonical_number(value: Any) -> str | None:
+    """``"2"``, ``2`` and ``"2.0"`` alike (``repr`` of the float), None when not a number."""
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def match_values(level_json: str) -> dict[str, list[str]]:
+    """Per tag, the values of one level's attributes (a JSON text of
+    :func:`level_attributes_json`) in their matching form: what an index that cannot read
+    DICOM JSON (OpenSearch) matches on."""
+    out: dict[str, list[str]] = {}
+    for tag, element in json.loads(level_json).items():
+        vr = str(element.get("vr", ""))
+        values = [v for v in (_match_value(vr, x) for x in element.get("Value", [])) if v]
+        if values:
+            out[tag] = values
+    return out

@@ -8,6 +8,7 @@ point KP_TEST_OPENSEARCH_URL at a disposable cluster only.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from kp_gateway.backends.base import IndexBackend, IndexedInstance, SeriesQuery
 from kp_gateway.backends.opensearch import OpenSearchIndex
 from kp_gateway.backends.sqlite import SqliteIndex
+from kp_gateway.dicomweb.attributes import Level, level_attributes_json
+from kp_gateway.dicomweb.qido import QidoRow, parse_query
 from kp_gateway.errors import BackendRejectedError
 from kp_gateway.kaapana.document import build_series_document
 from kp_gateway.model import InstanceRecord, Routing
@@ -187,6 +190,7 @@ def make_item(
         size_bytes=size,
         storage_key=key or f"dicom/{ds.SOPInstanceUID}.dcm",
         document=doc if document else None,
+        dicomweb_json=level_attributes_json(ds),
     )
     return IndexedInstance(record, Routing(project, dataset, "src-1"), at)
 
@@ -580,3 +584,117 @@ async def test_opensearch_mapping_conflict_is_rejected(os_index: OpenSearchIndex
         await os_index.write_instances(bad)
     with pytest.raises(BackendRejectedError):
         await os_index.update_documents(uid_of(good), {"00000000 IsFoo_boolean": "maybe"})
+
+
+# -- DICOMweb (QIDO-RS) -------------------------------------------------------------------------
+
+
+async def _qido(
+    index: IndexBackend, level: Level, project: str = "admin", **kw: Any
+) -> tuple[list[QidoRow], bool]:
+    study, series_uid = kw.pop("study", None), kw.pop("series", None)
+    query = parse_query(level, project, list(kw.items()), study_uid=study, series_uid=series_uid)
+    return await index.qido(query)
+
+
+def _dicomweb_corpus() -> dict[str, list[IndexedInstance]]:
+    ct_study, mr_study = generate_uid(), generate_uid()
+    ct_series, seg_series, mr_series = generate_uid(), generate_uid(), generate_uid()
+    ct = [make_dataset(ct_series, ct_study, n) for n in (1, 2, 3)]
+    seg = [make_dataset(seg_series, ct_study, 1, modality="SEG")]
+    mr = [make_dataset(mr_series, mr_study, n, patient_id="P0002", modality="MR") for n in (1, 2)]
+    for ds in mr:
+        ds.PatientName, ds.StudyDate, ds.StudyTime = "Doe^Jane", "20231201", "093000"
+        ds.AccessionNumber = "ACC-7"
+    for ds in ct + seg:
+        ds.AccessionNumber = "ACC-1"
+    return {
+        "ct": [make_item(ds, at=T0 + n) for n, ds in enumerate(ct)],
+        "seg": [make_item(seg[0], at=T0 + 5)],
+        "mr": [make_item(ds, project="neuro", at=T0 + 10 + n) for n, ds in enumerate(mr)],
+    }
+
+
+def _uids(rows: list[QidoRow], attr: str) -> set[str]:
+    return {str(getattr(r, attr)) for r in rows}
+
+
+async def test_qido_matching_at_every_level(index: IndexBackend) -> None:
+    await index.create_project("neuro")
+    corpus = _dicomweb_corpus()
+    for items in corpus.values():
+        await index.write_instances(items)
+    ct_study = corpus["ct"][0].record.study_instance_uid
+    mr_study = corpus["mr"][0].record.study_instance_uid
+    both = {ct_study, mr_study}
+    study_cases: list[tuple[dict[str, str], set[str]]] = [
+        ({}, both),
+        ({"PatientID": "P0002"}, {mr_study}),
+        ({"PatientName": "doe*"}, {mr_study}),
+        ({"PatientName": "D?E^JANE"}, {mr_study}),
+        ({"PatientName": "Doe"}, set()),
+        ({"PatientName": "test^patient"}, {ct_study}),
+        ({"StudyDate": "20231101-20231231"}, {mr_study}),
+        ({"StudyDate": "-20231231"}, {mr_study}),
+        ({"StudyDate": "20240101-"}, {ct_study}),
+        ({"StudyTime": "0900-0930"}, {mr_study}),
+        ({"ModalitiesInStudy": "SEG"}, {ct_study}),
+        ({"ModalitiesInStudy": "MR,XA"}, {mr_study}),
+        ({"AccessionNumber": "ACC-*"}, both),
+        ({"StudyInstanceUID": f"{ct_study},{mr_study}"}, both),
+        ({"StudyInstanceUID": mr_study, "PatientID": "P0001"}, set()),
+    ]
+    for params, expected in study_cases:
+        rows, more = await _qido(index, Level.STUDY, **params)
+        assert _uids(rows, "study_uid") == expected, params
+        assert not more
+    (ct,) = (await _qido(index, Level.STUDY, StudyInstanceUID=ct_study))[0]
+    assert (ct.study_series, ct.study_instances, sorted(ct.modalities)) == (2, 4, ["CT", "SEG"])
+    assert json.loads(ct.study_json)["00100020"]["Value"] == ["P0001"]
+    # Project scoping: neuro sees its MR study only; lab its CT study only.
+    neuro, _ = await _qido(index, Level.STUDY, "neuro")
+    assert _uids(neuro, "study_uid") == {mr_study}
+    lab, _ = await _qido(index, Level.STUDY, "lab", PatientName="doe*")
+    assert lab == []
+    # Paging: limit, offset, and whether more follow.
+    first, more = await _qido(index, Level.STUDY, limit="1")
+    second, last = await _qido(index, Level.STUDY, limit="1", offset="1")
+    assert more and not last
+    assert _uids(first, "study_uid") | _uids(second, "study_uid") == both
+
+    series, _ = await _qido(index, Level.SERIES, study=ct_study)
+    assert {json.loads(r.series_json)["00080060"]["Value"][0] for r in series} == {"CT", "SEG"}
+    assert {r.series_instances for r in series} == {3, 1}
+    mr_series, _ = await _qido(index, Level.SERIES, PatientName="doe*")
+    assert [r.study_uid for r in mr_series] == [mr_study]
+    assert json.loads(mr_series[0].study_json)["00100010"]["Value"][0]["Alphabetic"] == "Doe^Jane"
+    assert (await _qido(index, Level.SERIES, Modality="CT", study=mr_study))[0] == []
+
+    ct_series = corpus["ct"][0].record.series_instance_uid
+    instances, _ = await _qido(index, Level.INSTANCE, study=ct_study, series=ct_series)
+    assert [json.loads(r.instance_json)["00200013"]["Value"][0] for r in instances] == [1, 2, 3]
+    (second_ct,) = (
+        await _qido(index, Level.INSTANCE, study=ct_study, series=ct_series, InstanceNumber="2")
+    )[0]
+    assert second_ct.sop_uid == corpus["ct"][1].record.sop_instance_uid
+    everywhere, _ = await _qido(index, Level.INSTANCE, SOPClassUID=CTImageStorage)
+    assert len(everywhere) == 6
+    by_patient, _ = await _qido(index, Level.INSTANCE, PatientID="P0002")
+    assert _uids(by_patient, "series_uid") == {corpus["mr"][0].record.series_instance_uid}
+    assert (await _qido(index, Level.INSTANCE, "lab", PatientID="P0002"))[0] == []
+
+
+async def test_dicomweb_instances_are_scoped(index: IndexBackend) -> None:
+    await index.create_project("neuro")
+    corpus = _dicomweb_corpus()
+    for items in corpus.values():
+        await index.write_instances(items)
+    mr = corpus["mr"][0].record
+    found = await index.dicomweb_instances("neuro", mr.study_instance_uid)
+    assert [f["sop_uid"] for f in found] == [i.record.sop_instance_uid for i in corpus["mr"]]
+    assert set(found[0]) >= {"storage_key", "transfer_syntax_uid", "size", "received_at"}
+    assert await index.dicomweb_instances("lab", mr.study_instance_uid) == []
+    one = await index.dicomweb_instances(
+        "admin", mr.study_instance_uid, mr.series_instance_uid, mr.sop_instance_uid
+    )
+    assert [f["sop_uid"] for f in one] == [mr.sop_instance_uid]

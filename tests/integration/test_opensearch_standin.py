@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pydicom
 import pytest
 
 from kp_gateway.backends.opensearch import OpenSearchIndex
@@ -229,3 +230,35 @@ async def test_gateway_on_opensearch_end_to_end(
             assert r.status == 409  # admin is protected
         async with api.get("/health/ready") as r:
             assert r.status == 200
+
+
+async def test_dicomweb_on_opensearch(
+    standin: Standin, make_config: Callable[..., Any], make_gateway: Any, tmp_path: Path
+) -> None:
+    """STOW-RS into a gateway on the OpenSearch index, then QIDO-RS and WADO-RS."""
+    from dicomweb_client.api import DICOMwebClient
+
+    cfg = make_config(index__backend="opensearch", index__opensearch_url=standin.url)
+    gw = await make_gateway(cfg)
+    paths = make_ct_series(tmp_path / "series", 3, patient_id="PX-2")
+    client = DICOMwebClient(url=f"http://127.0.0.1:{gw.http_port}/dicomweb")
+    datasets = [pydicom.dcmread(p) for p in paths]
+    stored = await asyncio.to_thread(client.store_instances, datasets)
+    assert len(stored.ReferencedSOPSequence) == 3
+    study = datasets[0].StudyInstanceUID
+    for _ in range(200):
+        found = await asyncio.to_thread(client.search_for_instances, study)
+        if len(found) == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert len(found) == 3
+    (hit,) = await asyncio.to_thread(
+        client.search_for_studies, search_filters={"PatientID": "PX-2"}
+    )
+    assert hit["00201208"]["Value"] == [3]
+    metadata = await asyncio.to_thread(
+        client.retrieve_series_metadata, study, datasets[0].SeriesInstanceUID
+    )
+    assert len(metadata) == 3
+    again = await asyncio.to_thread(client.retrieve_study, study)
+    assert sorted(d.SOPInstanceUID for d in again) == sorted(d.SOPInstanceUID for d in datasets)
