@@ -104,6 +104,6 @@ def test_reused_sop_instance_uid_leaves_the_first_series_untouched(
     )
     # Each copy is its own file under its own series; nothing orphaned, nothing overwritten.
     stored = sorted(p.relative_to(gw.data_dir) for p in (gw.data_dir / "dicom").rglob(f"{sop}.dcm"))
-    assert [p.parts[2] for p in stored] == sorted([first_uid, second_uid])
+    assert sorted(p.parts[2] for p in stored) == sorted([first_uid, second_uid])
     neuro = json.loads(_get(gw, "/api/projects/neuro/series")[1])
     assert [s["series_uid"] for s in neuro["items"]] == [second_uid]
